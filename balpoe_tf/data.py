@@ -1,0 +1,577 @@
+"""Long-tailed data: sources, long-tailed sampling, class priors and tf.data pipelines.
+
+Every source (TFDS, `.npz` arrays, an image folder, a list file, the bundled digits)
+loads into the same `LabeledData`, so the long-tailed sampling, the prior and the
+pipelines apply to all of them alike.
+"""
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
+import tensorflow as tf
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Class groups of the long-tailed literature, by training images per class.
+MANY_SHOT_MIN = 100  # many: n > 100
+FEW_SHOT_MAX = 20  # few: n < 20; medium: 20 <= n <= 100
+
+# The images kept by long-tailed sampling depend on this seed only, never on the
+# run seed, as in the reference (LDAM-DRW) code.
+SAMPLING_SEED = 0
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+class DataError(ValueError):
+    """Bad or unavailable input data; the message says what is wrong and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split of a dataset.
+
+    Attributes:
+        images: `(N, H, W, C)` uint8 pixels, or `(N,)` image file paths.
+        labels: `(N,)` integer class ids.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self):
+        if len(self.images) != len(self.labels):
+            raise DataError(
+                f"{len(self.images)} images but {len(self.labels)} labels: "
+                "every image needs exactly one label"
+            )
+
+    @property
+    def is_files(self) -> bool:
+        return self.images.ndim == 1
+
+    def __len__(self):
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> "Split":
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class LabeledData:
+    """A dataset ready for the pipelines.
+
+    Attributes:
+        name: what the data is, for logs and reports.
+        train: training split.
+        test: (balanced) test split.
+        class_names: one name per class id.
+        image_shape: `(H, W, C)` of the model input.
+        mean: per-channel mean of pixels scaled to [0, 1].
+        std: per-channel standard deviation of pixels scaled to [0, 1].
+    """
+
+    name: str
+    train: Split
+    test: Split
+    class_names: tuple
+    image_shape: tuple
+    mean: tuple
+    std: tuple
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def train_counts(self) -> np.ndarray:
+        return class_counts(self.train.labels, self.num_classes)
+
+
+# ---------------------------------------------------------------------------------------
+# Long-tailed sampling and class statistics.
+
+
+def long_tailed_counts(n_max: int, num_classes: int, imbalance_ratio: float,
+                       reverse: bool = False) -> np.ndarray:
+    """Per-class image counts of an exponential long-tailed profile.
+
+    Class i keeps `int(n_max * (1 / imbalance_ratio) ** (i / (C - 1)))` images, so class
+    0 is the head (n_max) and class C-1 the tail (n_max / imbalance_ratio).
+
+    Args:
+        n_max: images of the largest class.
+        num_classes: number of classes C.
+        imbalance_ratio: head-to-tail ratio, >= 1 (1 gives a balanced set).
+        reverse: give the last class n_max and the first the fewest (backward-LT).
+
+    Returns:
+        `(C,)` int64 counts.
+    """
+    if not imbalance_ratio >= 1:
+        raise DataError(
+            f"imbalance ratio must be >= 1, got {imbalance_ratio}: it is n_max / n_min "
+            "(1 keeps every class at n_max, 100 makes the last class 100x rarer)"
+        )
+    if num_classes < 1:
+        raise DataError(f"need at least one class, got num_classes={num_classes}")
+    if num_classes == 1:
+        return np.array([int(n_max)], dtype=np.int64)
+    rank = np.arange(num_classes)
+    if reverse:
+        rank = rank[::-1]
+    ratio = 1.0 / imbalance_ratio
+    # Python floats and int() truncation, in the reference's order of operations, so
+    # the sizes match it exactly (CIFAR-100 IR100: 10,847 images).
+    return np.array([int(n_max * ratio ** (float(k) / (num_classes - 1.0))) for k in rank],
+                    dtype=np.int64)
+
+
+def long_tailed_indices(labels: np.ndarray, counts: Sequence[int],
+                        seed: int = SAMPLING_SEED) -> np.ndarray:
+    """Which samples a long-tailed subset keeps: for each class in order, shuffle its
+    indices with one seeded generator and keep the first `counts[c]`.
+
+    Args:
+        labels: `(N,)` class ids.
+        counts: images to keep per class.
+        seed: seed of the generator, independent of any run seed.
+
+    Returns:
+        Indices into `labels`, grouped by class.
+    """
+    rng = np.random.RandomState(seed)
+    kept = []
+    for c, n in enumerate(counts):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < n:
+            raise DataError(
+                f"class {c} has {len(idx)} images but the long-tailed profile asks for {n}"
+            )
+        rng.shuffle(idx)
+        kept.append(idx[:n])
+    return np.concatenate(kept).astype(np.int64)
+
+
+def class_counts(labels: np.ndarray, num_classes: int, what: str = "label") -> np.ndarray:
+    """Images per class; fails on a label outside [0, num_classes)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise DataError(
+            f"{what} {int(bad[0])} is outside [0, {num_classes}) ({len(bad)} such labels): "
+            "labels must be class ids 0..C-1; check the label column or --num_classes"
+        )
+    return np.bincount(labels.astype(np.int64), minlength=num_classes)
+
+
+def class_prior(counts: Sequence[int]) -> np.ndarray:
+    """The training prior pi_c = n_c / sum(n) from the label counts actually loaded."""
+    counts = np.asarray(counts, dtype=np.float64)
+    empty = np.flatnonzero(counts <= 0)
+    if empty.size:
+        raise DataError(
+            f"class {int(empty[0])} has no training images ({empty.size} empty classes): "
+            "its log prior would be -inf; give it images or drop the class"
+        )
+    return counts / counts.sum()
+
+
+def class_groups(counts: Sequence[int]) -> dict:
+    """Boolean class masks of the many (> 100), medium (20-100) and few (< 20) shot groups."""
+    counts = np.asarray(counts)
+    return {
+        "many": counts > MANY_SHOT_MIN,
+        "medium": (counts >= FEW_SHOT_MAX) & (counts <= MANY_SHOT_MIN),
+        "few": counts < FEW_SHOT_MAX,
+    }
+
+
+def make_long_tailed(data: LabeledData, imbalance_ratio: float,
+                     seed: int = SAMPLING_SEED) -> LabeledData:
+    """Subsample the training split to an exponential long-tailed profile.
+
+    n_max is the smallest class's size (for a balanced source, N / C as in the
+    reference), so every class can give what the profile asks. The test split is left
+    as it is.
+
+    Args:
+        data: the source dataset.
+        imbalance_ratio: head-to-tail ratio (>= 1).
+        seed: sampling seed (kept images do not depend on the run seed).
+
+    Returns:
+        The dataset with a long-tailed training split.
+    """
+    counts = data.train_counts()
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        c = int(empty[0])
+        raise DataError(
+            f"class {c} ({data.class_names[c]!r}) has no training images in {data.name}: "
+            "every class needs images before long-tailed sampling; fix the data or the labels"
+        )
+    target = long_tailed_counts(int(counts.min()), data.num_classes, imbalance_ratio)
+    if target.min() == 0:
+        c = int(np.argmin(target))
+        raise DataError(
+            f"imbalance ratio {imbalance_ratio} leaves class {c} ({data.class_names[c]!r}) "
+            f"with no images (n_max = {counts.min()}): lower --imbalance_ratio below "
+            f"{counts.min()} or use a source with more images per class"
+        )
+    keep = long_tailed_indices(data.train.labels, target, seed)
+    return dataclasses.replace(data, name=f"{data.name}-LT{imbalance_ratio:g}",
+                               train=data.train.take(keep))
+
+
+# ---------------------------------------------------------------------------------------
+# Sources.
+
+
+def _channel_stats(images: np.ndarray):
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return tuple(pixels.mean(0).tolist()), tuple(np.maximum(pixels.std(0), 1e-3).tolist())
+
+
+def _check_labels(train: Split, test: Split, num_classes: int):
+    class_counts(train.labels, num_classes, "training label")
+    class_counts(test.labels, num_classes, "test label")
+
+
+def from_arrays(name: str, x_train, y_train, x_test, y_test,
+                class_names: Optional[Sequence[str]] = None,
+                mean=None, std=None) -> LabeledData:
+    """A dataset from in-memory arrays of uint8 pixels `(N, H, W[, C])` and int labels."""
+    arrays = []
+    for x in (x_train, x_test):
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4:
+            raise DataError(f"{name}: images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+        if x.dtype != np.uint8:
+            if x.min() < 0 or x.max() > 255:
+                raise DataError(f"{name}: images must be pixels in [0, 255], "
+                                f"got values in [{x.min()}, {x.max()}]")
+            x = x.astype(np.uint8)
+        arrays.append(x)
+    if arrays[0].shape[1:] != arrays[1].shape[1:]:
+        raise DataError(f"{name}: train images are {arrays[0].shape[1:]} but test images are "
+                        f"{arrays[1].shape[1:]}; both splits need one image shape")
+    train = Split(arrays[0], np.asarray(y_train).astype(np.int64).reshape(-1))
+    test = Split(arrays[1], np.asarray(y_test).astype(np.int64).reshape(-1))
+    if class_names is None:
+        num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+        class_names = [str(c) for c in range(num_classes)]
+    class_names = tuple(str(c) for c in class_names)
+    _check_labels(train, test, len(class_names))
+    if mean is None:
+        mean, std = _channel_stats(train.images)
+    return LabeledData(name, train, test, class_names, train.images.shape[1:],
+                       tuple(mean), tuple(std))
+
+
+def _to_arrays(ds: tf.data.Dataset):
+    # Large batches concatenated, rather than batch_size=-1, which aborts under TFDS mock data.
+    batches = list(ds.batch(8192).as_numpy_iterator())
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
+def load_tfds(name: str, data_dir: Optional[str] = None, download: bool = False) -> LabeledData:
+    """CIFAR-10/100 (or any TFDS image-classification dataset with train/test splits)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if download:
+            builder.download_and_prepare()
+        (x_train, y_train), (x_test, y_test) = (
+            _to_arrays(builder.as_dataset(split=s, as_supervised=True)) for s in ("train", "test"))
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
+        where = data_dir or os.path.join("~", "tensorflow_datasets")
+        raise DataError(
+            f"TFDS dataset {name!r} is not available offline in {where} ({e.__class__.__name__}). "
+            f"Provide it one of three ways: prepare it with TFDS where there is internet "
+            f"(`tfds build {name} --data_dir=DIR`) and pass --data_dir=DIR; save arrays to "
+            "an .npz with x_train/y_train/x_test/y_test and use --dataset=npz --data_path=FILE; "
+            "or use --dataset=folder --data_path=DIR with train/ and test/ class folders"
+        ) from e
+    names = builder.info.features["label"].names
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if name.startswith("cifar") else (None, None)
+    return from_arrays(name, x_train, y_train, x_test, y_test, names, mean, std)
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_npz(path: str) -> LabeledData:
+    """Arrays from an `.npz` with x_train, y_train, x_test, y_test (and optional class_names)."""
+    if not os.path.isfile(path):
+        raise DataError(f"npz file {path!r} does not exist: pass --data_path=FILE.npz")
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in NPZ_KEYS if k not in f.files]
+        if missing:
+            raise DataError(
+                f"{path} lacks array(s) {', '.join(missing)} (it has {', '.join(f.files) or 'none'}): "
+                f"save it with np.savez(path, {'=..., '.join(NPZ_KEYS)}=...)"
+            )
+        names = f["class_names"].tolist() if "class_names" in f.files else None
+        return from_arrays(os.path.basename(path), *(f[k] for k in NPZ_KEYS), class_names=names)
+
+
+def load_digits(test_per_class: int = 40) -> LabeledData:
+    """The 8x8 handwritten digits bundled with scikit-learn (no download), with a
+    balanced test split of `test_per_class` images per class chosen with a fixed seed."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    digits = sk_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    test = long_tailed_indices(labels, [test_per_class] * 10, SAMPLING_SEED)
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return from_arrays("digits", images[train], labels[train], images[test], labels[test],
+                       [str(d) for d in range(10)])
+
+
+def _folder_split(root: str, class_names=None):
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist: it needs one sub-folder per class")
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    class_names = class_names or found
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise DataError(f"{root} has class folder(s) {unknown} that the training split does not have")
+    paths, labels = [], []
+    for c, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) \
+            if os.path.isdir(folder) else []
+        paths += [os.path.join(folder, f) for f in files]
+        labels += [c] * len(files)
+    return Split(np.array(paths, dtype=str), np.array(labels, dtype=np.int64)), class_names
+
+
+def load_image_folder(root: str, image_size: int = 32) -> LabeledData:
+    """Images in `root/train/<class>/` and `root/test/<class>/`; class ids follow the
+    sorted training folder names."""
+    train, names = _folder_split(os.path.join(root, "train"))
+    test, _ = _folder_split(os.path.join(root, "test"), names)
+    return LabeledData(os.path.basename(os.path.normpath(root)), train, test, tuple(names),
+                       (image_size, image_size, 3), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def read_image_list(list_file: str, root: str = "") -> Split:
+    """A "relative/path label" list file (one image per line), paths joined to `root`."""
+    if not os.path.isfile(list_file):
+        raise DataError(f"list file {list_file!r} does not exist")
+    paths, labels = [], []
+    with open(list_file) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DataError(f"{list_file}:{lineno}: expected 'relative/path label', got {line.strip()!r}")
+            paths.append(os.path.join(root, parts[0]))
+            labels.append(int(parts[1]))
+    return Split(np.array(paths, dtype=str), np.array(labels, dtype=np.int64))
+
+
+def load_image_list(train_list: str, test_list: str, root: str = "",
+                    num_classes: Optional[int] = None, image_size: int = 32) -> LabeledData:
+    """Images named by "path label" list files; labels must lie in [0, num_classes)."""
+    train, test = read_image_list(train_list, root), read_image_list(test_list, root)
+    if num_classes is None:
+        num_classes = int(train.labels.max()) + 1
+    _check_labels(train, test, num_classes)
+    missing = [p for p in np.concatenate([train.images, test.images]) if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} listed image(s) do not exist, e.g. {missing[0]!r}: "
+                        "check --data_root and the list files")
+    return LabeledData(os.path.basename(train_list), train, test,
+                       tuple(str(c) for c in range(num_classes)),
+                       (image_size, image_size, 3), IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ---------------------------------------------------------------------------------------
+# tf.data pipelines.
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches per epoch; the last one may be smaller (no images are dropped)."""
+    return -(-num_examples // batch_size)
+
+
+def _decode(path, image_shape):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=image_shape[-1],
+                               expand_animations=False)
+    image = tf.image.resize(image, image_shape[:2], antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def _batches(split: Split, image_shape, order: tf.Tensor, batch_size: int) -> tf.data.Dataset:
+    """`(uint8 images, labels)` batches of `split` in the given order."""
+    labels = tf.constant(split.labels, tf.int32)
+    indices = tf.data.Dataset.from_tensor_slices(order)
+    if split.is_files:
+        paths = tf.constant(split.images)
+        ds = indices.map(lambda i: (_decode(paths[i], image_shape), labels[i]),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(batch_size)
+    images = tf.constant(split.images)
+    return indices.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+
+
+def cifar_augment(images: tf.Tensor, seed: tf.Tensor, pad: int = 4,
+                  max_degrees: float = 15.0, flip: bool = True) -> tf.Tensor:
+    """Pad-`pad` random crop, horizontal flip and +-`max_degrees` rotation of a batch.
+
+    The three maps are composed into one projective transform per image (nearest
+    neighbour, zero fill, like torchvision's RandomCrop(padding) / RandomRotation), so
+    the whole batch is warped by a single op.
+
+    Args:
+        images: `(B, H, W, C)` batch.
+        seed: `(2,)` int stateless seed.
+        pad: crop padding in pixels.
+        max_degrees: rotation range, uniform in [-max_degrees, max_degrees].
+        flip: flip horizontally with probability 1/2.
+
+    Returns:
+        The warped `(B, H, W, C)` float32 batch, pixel values unchanged.
+    """
+    b = tf.shape(images)[0]
+    h, w = images.shape[1], images.shape[2]
+    s_crop, s_flip, s_rot = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    shift = tf.cast(tf.random.stateless_uniform([b, 2], s_crop, -pad, pad + 1, tf.int32), tf.float32)
+    mirror = tf.random.stateless_uniform([b], s_flip) < 0.5 if flip else tf.zeros([b], tf.bool)
+    theta = tf.random.stateless_uniform([b], s_rot, -max_degrees, max_degrees) * (np.pi / 180.0)
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    cos, sin = tf.cos(theta), tf.sin(theta)
+    # Output pixel p -> input pixel: rotate about the centre, then mirror, then shift.
+    sx = tf.where(mirror, -1.0, 1.0)
+    a0, a1 = sx * cos, -sx * sin
+    a2 = sx * (cx - cos * cx + sin * cy) + tf.where(mirror, float(w - 1), 0.0) + shift[:, 0]
+    b0, b1 = sin, cos
+    b2 = cy - sin * cx - cos * cy + shift[:, 1]
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(images, tf.float32), transforms=transforms, output_shape=[h, w],
+        fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+
+
+AUGMENTATIONS = ("cifar", "crop_flip", "none")
+
+
+def _augment(images, seed, augment: str):
+    if augment == "cifar":
+        return cifar_augment(images, seed)
+    if augment == "crop_flip":
+        return cifar_augment(images, seed, max_degrees=0.0)
+    if augment == "none":
+        return tf.cast(images, tf.float32)
+    raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
+
+
+def _normalizer(data: LabeledData):
+    mean = tf.constant(np.array(data.mean) * 255.0, tf.float32)
+    std = tf.constant(np.array(data.std) * 255.0, tf.float32)
+    return lambda images: (tf.cast(images, tf.float32) - mean) / std
+
+
+def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 0,
+                   augment: str = "cifar", start_epoch: int = 0) -> tf.data.Dataset:
+    """Shuffled, augmented, normalised training batches for epochs [start_epoch, epochs).
+
+    Each epoch's order and augmentation come from stateless seeds derived from
+    `(seed, epoch)`, so a run resumed at epoch k sees exactly the batches an
+    uninterrupted run would.
+
+    Args:
+        data: dataset whose `train` split is used.
+        batch_size: global batch size.
+        epochs: last epoch (exclusive).
+        seed: run seed.
+        augment: one of `AUGMENTATIONS`.
+        start_epoch: first epoch.
+
+    Returns:
+        A dataset of `(images float32 (B, H, W, C), labels int32 (B,))`,
+        `steps_per_epoch(len(train), batch_size)` batches per epoch.
+    """
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
+    split, n = data.train, len(data.train)
+    normalize = _normalizer(data)
+
+    def epoch_batches(epoch):
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
+        batches = _batches(split, data.image_shape, order, batch_size).enumerate()
+
+        def prepare(step, batch):
+            images, labels = batch
+            step_seed = tf.random.experimental.stateless_fold_in(epoch_seed, step)
+            return normalize(_augment(images, step_seed, augment)), labels
+
+        return batches.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch_batches)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def test_pipeline(data: LabeledData, batch_size: int, split: Optional[Split] = None) -> tf.data.Dataset:
+    """Normalised batches of the test split (or of `split`), in order."""
+    split = data.test if split is None else split
+    normalize = _normalizer(data)
+    order = tf.range(len(split), dtype=tf.int64)
+    ds = _batches(split, data.image_shape, order, batch_size)
+    ds = ds.map(lambda x, y: (normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# One registry of the sources the tools can name with --dataset.
+DATASETS = {
+    "cifar10": lambda o: load_tfds("cifar10", o.get("data_dir"), o.get("download", False)),
+    "cifar100": lambda o: load_tfds("cifar100", o.get("data_dir"), o.get("download", False)),
+    "digits": lambda o: load_digits(),
+    "npz": lambda o: load_npz(_required(o, "data_path", "npz")),
+    "folder": lambda o: load_image_folder(_required(o, "data_path", "folder"), o.get("image_size", 32)),
+    "list": lambda o: load_image_list(_required(o, "train_list", "list"), _required(o, "test_list", "list"),
+                                      o.get("data_root", ""), o.get("num_classes"),
+                                      o.get("image_size", 32)),
+}
+
+
+def _required(options: dict, key: str, dataset: str):
+    if not options.get(key):
+        raise DataError(f"--dataset={dataset} needs --{key}")
+    return options[key]
+
+
+def load_dataset(name: str, imbalance_ratio: Optional[float] = None, **options) -> LabeledData:
+    """Load a registered source and, if `imbalance_ratio` is given, make it long-tailed.
+
+    Args:
+        name: a key of `DATASETS`.
+        imbalance_ratio: head-to-tail ratio of the training split; None keeps the
+            source's own class counts (for data that is long-tailed already).
+        **options: data_dir, download, data_path, train_list, test_list, data_root,
+            num_classes, image_size.
+
+    Returns:
+        The loaded `LabeledData`.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    data = DATASETS[name](options)
+    if imbalance_ratio is not None:
+        data = make_long_tailed(data, imbalance_ratio)
+    return data

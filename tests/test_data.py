@@ -1,0 +1,195 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from balpoe_tf import data as lt_data
+from conftest import synthetic_data
+
+
+@pytest.mark.parametrize("num_classes,ir,size,head,tail", [
+    (100, 100, 10847, 500, 5), (100, 50, 12608, 500, 10), (100, 10, 19573, 500, 50),
+    (10, 100, 12406, 5000, 50), (10, 50, 13996, 5000, 100), (10, 10, 20431, 5000, 500),
+])
+def test_cifar_lt_sizes_match_reference(num_classes, ir, size, head, tail):
+    counts = lt_data.long_tailed_counts(50000 // num_classes, num_classes, ir)
+    assert counts.sum() == size
+    assert counts[0] == head and counts[-1] == tail
+    assert np.all(np.diff(counts) <= 0)
+
+
+@pytest.mark.parametrize("ir,groups", [(100, (35, 35, 30)), (50, (41, 41, 18)), (10, (69, 31, 0))])
+def test_cifar100_lt_groups(ir, groups):
+    masks = lt_data.class_groups(lt_data.long_tailed_counts(500, 100, ir))
+    assert tuple(int(masks[g].sum()) for g in ("many", "medium", "few")) == groups
+
+
+def test_long_tailed_counts_by_hand():
+    # 100 * 0.25^(i/2): 100, 50, 25
+    np.testing.assert_array_equal(lt_data.long_tailed_counts(100, 3, 4), [100, 50, 25])
+    np.testing.assert_array_equal(lt_data.long_tailed_counts(100, 3, 4, reverse=True), [25, 50, 100])
+    np.testing.assert_array_equal(lt_data.long_tailed_counts(7, 1, 10), [7])
+    # A non-integer ratio works; truncation, not rounding: 10 * (1/3)^(1/1) = 3.33 -> 3
+    np.testing.assert_array_equal(lt_data.long_tailed_counts(10, 2, 3), [10, 3])
+
+
+def test_imbalance_ratio_below_one_is_rejected():
+    with pytest.raises(lt_data.DataError, match="imbalance ratio must be >= 1"):
+        lt_data.long_tailed_counts(100, 10, 0.5)
+
+
+def test_long_tailed_indices_are_seeded_and_per_class():
+    labels = np.tile(np.arange(3), 10)  # 10 images per class, interleaved
+    np.random.seed(123)  # the run's global seed must not matter
+    first = lt_data.long_tailed_indices(labels, [4, 2, 1])
+    np.random.seed(999)
+    second = lt_data.long_tailed_indices(labels, [4, 2, 1])
+    np.testing.assert_array_equal(first, second)
+    # Same draws as shuffling each class's indices in order with one RandomState(0).
+    rng, expected = np.random.RandomState(0), []
+    for c, n in enumerate([4, 2, 1]):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        expected += list(idx[:n])
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(np.bincount(labels[first]), [4, 2, 1])
+
+
+def test_make_long_tailed_applies_to_train_only():
+    data = synthetic_data(num_classes=4, per_class=20, test_per_class=3)
+    lt = lt_data.make_long_tailed(data, 10)
+    # 20 * 0.1^(i/3): 20, 9, 4, 2
+    np.testing.assert_array_equal(lt.train_counts(), [20, 9, 4, 2])
+    assert len(lt.test) == len(data.test)
+    assert lt.name == "synthetic-LT10"
+
+
+def test_make_long_tailed_errors():
+    data = synthetic_data(num_classes=3, per_class=5)
+    with pytest.raises(lt_data.DataError, match="leaves class 2 .* with no images"):
+        lt_data.make_long_tailed(data, 10)  # 5 * 0.1 = 0.5 -> 0
+    empty = lt_data.from_arrays("gap", data.train.images[:10], data.train.labels[:10],
+                                data.test.images, data.test.labels)
+    with pytest.raises(lt_data.DataError, match="class 2 .* has no training images"):
+        lt_data.make_long_tailed(empty, 2)
+
+
+def test_prior_and_groups_by_hand():
+    np.testing.assert_allclose(lt_data.class_prior([3, 1]), [0.75, 0.25])
+    with pytest.raises(lt_data.DataError, match="class 1 has no training images"):
+        lt_data.class_prior([3, 0])
+    g = lt_data.class_groups([101, 100, 20, 19])
+    np.testing.assert_array_equal(g["many"], [True, False, False, False])
+    np.testing.assert_array_equal(g["medium"], [False, True, True, False])
+    np.testing.assert_array_equal(g["few"], [False, False, False, True])
+
+
+def test_label_out_of_range_is_rejected():
+    with pytest.raises(lt_data.DataError, match="label 5 is outside \\[0, 3\\)"):
+        lt_data.class_counts(np.array([0, 1, 5]), 3)
+    x = np.zeros((2, 4, 4), np.uint8)
+    with pytest.raises(lt_data.DataError, match="test label 7 is outside"):
+        lt_data.from_arrays("bad", x, [0, 1], x, [0, 7], class_names=["a", "b"])
+
+
+def test_npz_source(tmp_path):
+    data = synthetic_data()
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=data.train.images, y_train=data.train.labels,
+             x_test=data.test.images, y_test=data.test.labels, class_names=np.array(list("abcd")))
+    loaded = lt_data.load_dataset("npz", data_path=str(path))
+    assert loaded.class_names == tuple("abcd")
+    np.testing.assert_array_equal(loaded.train.images, data.train.images)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=data.train.images, y_train=data.train.labels)
+    with pytest.raises(lt_data.DataError, match="lacks array\\(s\\) x_test, y_test"):
+        lt_data.load_npz(str(bad))
+    with pytest.raises(lt_data.DataError, match="does not exist"):
+        lt_data.load_npz(str(tmp_path / "missing.npz"))
+
+
+def _write_png(path, colour, size=10):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image = np.full((size, size, 3), colour, np.uint8)
+    tf.io.write_file(str(path), tf.io.encode_png(image))
+
+
+def test_image_folder_and_list_sources(tmp_path):
+    for split, n in (("train", 3), ("test", 1)):
+        for c, name in enumerate(["cat", "dog"]):
+            for i in range(n):
+                _write_png(tmp_path / split / name / f"{i}.png", 100 * c)
+    data = lt_data.load_dataset("folder", data_path=str(tmp_path), image_size=6)
+    assert data.class_names == ("cat", "dog")
+    np.testing.assert_array_equal(data.train_counts(), [3, 3])
+    images, labels = next(iter(lt_data.test_pipeline(data, 8)))
+    assert images.shape == (2, 6, 6, 3)
+    # Pixels of the dog (value 100) after normalisation with the ImageNet statistics.
+    expected = (100 / 255 - np.array(lt_data.IMAGENET_MEAN)) / np.array(lt_data.IMAGENET_STD)
+    np.testing.assert_allclose(images[1, 0, 0], expected, rtol=1e-5)
+
+    train_list = tmp_path / "train.txt"
+    train_list.write_text("train/cat/0.png 0\ntrain/dog/0.png 1\n")
+    test_list = tmp_path / "test.txt"
+    test_list.write_text("test/cat/0.png 0\ntest/dog/0.png 3\n")
+    with pytest.raises(lt_data.DataError, match="test label 3 is outside \\[0, 2\\)"):
+        lt_data.load_image_list(str(train_list), str(test_list), str(tmp_path), num_classes=2)
+    test_list.write_text("test/cat/9.png 0\n")
+    with pytest.raises(lt_data.DataError, match="do not exist.*9.png"):
+        lt_data.load_image_list(str(train_list), str(test_list), str(tmp_path))
+
+
+def test_tfds_cifar_with_mock_data():
+    with tfds.testing.mock_data(num_examples=60):
+        data = lt_data.load_dataset("cifar10", imbalance_ratio=2)
+    assert data.image_shape == (32, 32, 3) and data.num_classes == 10
+    assert data.mean == lt_data.CIFAR_MEAN
+    counts = data.train_counts()
+    assert counts[0] >= counts[-1] and counts[-1] >= 1
+
+
+def test_tfds_not_available_offline_says_how_to_provide_it(tmp_path):
+    with pytest.raises(lt_data.DataError, match="not available offline.*--data_dir.*npz.*folder"):
+        lt_data.load_tfds("cifar10", data_dir=str(tmp_path))
+
+
+def test_unknown_dataset():
+    with pytest.raises(lt_data.DataError, match="unknown dataset 'imagenet9'"):
+        lt_data.load_dataset("imagenet9")
+
+
+def test_train_pipeline_epochs_are_seeded_permutations():
+    data = synthetic_data(num_classes=3, per_class=5)  # 15 images
+    ds = lt_data.train_pipeline(data, batch_size=4, epochs=2, seed=7, augment="none")
+    batches = list(ds)
+    assert len(batches) == 2 * lt_data.steps_per_epoch(15, 4)
+    assert [len(b[1]) for b in batches[:4]] == [4, 4, 4, 3]
+    epoch0 = np.concatenate([b[1] for b in batches[:4]])
+    np.testing.assert_array_equal(np.sort(epoch0), np.sort(data.train.labels))
+    again = list(lt_data.train_pipeline(data, 4, 2, seed=7, augment="cifar"))
+    resumed = list(lt_data.train_pipeline(data, 4, 2, seed=7, augment="cifar", start_epoch=1))
+    for a, b in zip(again[4:], resumed):
+        np.testing.assert_array_equal(a[0], b[0])
+    other = np.concatenate([b[1] for b in lt_data.train_pipeline(data, 4, 1, seed=8, augment="none")])
+    assert not np.array_equal(epoch0, other)
+
+
+def test_cifar_augment_without_rotation_is_a_padded_crop_and_flip():
+    rng = np.random.RandomState(0)
+    images = rng.randint(1, 256, size=(6, 8, 8, 1)).astype(np.float32)
+    out = lt_data.cifar_augment(images, tf.constant([3, 4], tf.int64), pad=2, max_degrees=0.0).numpy()
+    for src, dst in zip(images, out):
+        padded = np.pad(src, ((2, 2), (2, 2), (0, 0)))
+        candidates = [c[:, ::-1] if flip else c
+                      for dy in range(5) for dx in range(5) for flip in (False, True)
+                      for c in [padded[dy:dy + 8, dx:dx + 8]]]
+        assert any(np.array_equal(dst, c) for c in candidates)
+
+
+def test_cifar_augment_rotation_keeps_the_centre():
+    image = np.zeros((1, 9, 9, 1), np.float32)
+    image[0, 4, 4] = 1.0
+    out = lt_data.cifar_augment(image, tf.constant([1, 2], tf.int64), pad=0, flip=False).numpy()
+    assert out[0, 4, 4, 0] == 1.0 and out.sum() == 1.0

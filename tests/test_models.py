@@ -1,0 +1,183 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from balpoe_tf import data as lt_data
+from balpoe_tf import losses, models, training
+from conftest import synthetic_data
+
+
+def test_pad_shortcut_subsamples_and_pads_channels():
+    x = np.arange(32, dtype=np.float32).reshape(1, 4, 4, 2)
+    y = models.PadShortcut(4, stride=2)(x).numpy()
+    assert y.shape == (1, 2, 2, 4)
+    np.testing.assert_array_equal(y[..., 1:3], x[:, ::2, ::2, :])
+    np.testing.assert_array_equal(y[..., [0, 3]], 0)
+
+
+@pytest.mark.parametrize("stride,filters,out", [(1, 8, (2, 8, 8, 8)), (2, 16, (2, 4, 4, 16))])
+def test_basic_block_shapes(stride, filters, out):
+    block = models.BasicBlock(filters, stride)
+    y = block(np.random.rand(2, 8, 8, 8).astype(np.float32))
+    assert y.shape == out
+    assert (block.shortcut is None) == (stride == 1 and filters == 8)
+    assert block.compute_output_shape((2, 8, 8, 8)) == out
+
+
+def test_strided_conv_uses_pytorch_grid():
+    # With 1-pixel zero padding, output (0, 0) of a stride-2 3x3 conv is centred on input (0, 0).
+    conv = models._conv3x3(1, 2)
+    x = np.zeros((1, 6, 6, 1), np.float32)
+    x[0, 0, 0] = 1.0
+    y = x
+    for layer in conv:
+        y = layer(y)
+    centre = conv[-1].kernel.numpy()[1, 1, 0, 0]
+    assert y.shape == (1, 3, 3, 1) and float(y[0, 0, 0, 0]) == pytest.approx(centre)
+
+
+def _trainable(layer):
+    return sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
+
+
+def test_resnet32_parameter_counts():
+    model = models.BalPoEModel(100, 3, "resnet32")
+    # Shared 23.8k, each expert 446k (stage 2 88.2k, stage 3 351.5k, classifier 6.4k).
+    assert _trainable(model.trunk) == 23824
+    assert _trainable(model.experts[0]) == 446080
+    assert _trainable(model) == 23824 + 3 * 446080  # 1.36 M
+    assert _trainable(models.BalPoEModel(100, 1, "resnet32")) == 469904  # 0.47 M
+
+
+@pytest.mark.parametrize("num_experts", [1, 2, 5])
+def test_outputs_are_mean_of_experts(num_experts):
+    model = models.BalPoEModel(7, num_experts, "resnet8", input_shape=(8, 8, 3))
+    out = model(np.random.rand(3, 8, 8, 3).astype(np.float32))
+    assert out["expert_logits"].shape == (3, num_experts, 7)
+    np.testing.assert_allclose(out["logits"], np.mean(out["expert_logits"], axis=1), rtol=1e-6)
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="num_experts must be an integer >= 1"):
+        models.BalPoEModel(10, 0, "resnet8")
+    with pytest.raises(ValueError, match="unknown backbone 'resnet7'"):
+        models.BalPoEModel(10, 1, "resnet7")
+    with pytest.raises(ValueError, match="depth must be 6n\\+2"):
+        models.CifarResNetTrunk(depth=30)
+
+
+def test_cosine_classifier():
+    layer = models.CosineClassifier(3, scale=30.0)
+    features = np.random.RandomState(0).randn(4, 5).astype(np.float32)
+    logits = layer(features).numpy()
+    np.testing.assert_allclose(np.linalg.norm(layer.kernel.numpy(), axis=0), 1.0, rtol=1e-5)
+    assert np.all(np.abs(logits) <= 30.0 + 1e-4)
+    aligned = layer(layer.kernel.numpy()[:, :1].T * 7.0).numpy()
+    assert aligned[0, 0] == pytest.approx(30.0, rel=1e-5)
+    assert models.CosineClassifier.from_config(layer.get_config()).scale == 30.0
+
+
+def test_keras_file_round_trip(tmp_path):
+    model = models.BalPoEModel(5, 2, "resnet8", scale=16.0, input_shape=(8, 8, 3))
+    model.compile(training.SGDWithL2(0.05), losses.LogitAdjustedLoss([9, 5, 3, 2, 1], [1, -1]), 0.4)
+    x = np.random.RandomState(1).rand(4, 8, 8, 3).astype(np.float32)
+    model.fit(x, np.array([0, 1, 2, 3]), epochs=1, verbose=0)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for key in ("logits", "expert_logits"):
+        np.testing.assert_array_equal(loaded(x)[key], model(x)[key])
+    assert loaded.mixup_alpha == 0.4 and loaded.balpoe_loss.lambdas == [1.0, -1.0]
+    assert loaded.get_config() == model.get_config()
+
+
+def _compiled(num_experts=2, lr=0.1, alpha=0.0, data=None, seed=0):
+    data = data or synthetic_data()
+    keras.utils.set_random_seed(seed)
+    model = models.BalPoEModel(data.num_classes, num_experts, "resnet8", input_shape=data.image_shape)
+    lambdas = [1.0, -1.0][:num_experts] if num_experts == 2 else [0.0] * num_experts
+    model.compile(training.SGDWithL2(lr, l2=5e-4),
+                  losses.LogitAdjustedLoss(data.train_counts(), lambdas), mixup_alpha=alpha, seed=seed)
+    return model, data
+
+
+def test_lambda_list_must_match_experts():
+    model = models.BalPoEModel(4, 3, "resnet8", input_shape=(8, 8, 3))
+    with pytest.raises(ValueError, match="2 lambdas for 3 experts"):
+        model.compile(training.SGDWithL2(0.1), losses.LogitAdjustedLoss([1, 1, 1, 1], [1, -1]))
+
+
+def test_train_step_without_mixup_is_the_plain_loss():
+    model, data = _compiled(lr=0.0, alpha=0.0)
+    x = (data.train.images[:8].astype(np.float32) - 128) / 64
+    y = data.train.labels[:8]
+    expected = float(np.mean(model.balpoe_loss.call(y, model(x, training=True)["expert_logits"])))
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_training_decreases_the_loss_and_evaluates():
+    model, data = _compiled(alpha=0.4)
+    ds = lt_data.train_pipeline(data, 16, epochs=12, seed=0, augment="none")
+    steps = lt_data.steps_per_epoch(len(data.train), 16)
+    history = model.fit(ds, epochs=12, steps_per_epoch=steps, verbose=0).history["loss"]
+    assert history[-1] < 0.7 * history[0]
+    logs = model.evaluate(lt_data.test_pipeline(data, 8), return_dict=True, verbose=0)
+    for key in ("accuracy", "many_accuracy", "ece", "mce", "nll", "expert0_accuracy", "expert1_accuracy"):
+        assert key in logs
+    assert logs["accuracy"] > 0.5  # four easy colour classes
+
+
+DISTRIBUTED = textwrap.dedent("""
+    import numpy as np
+    import balpoe_tf
+    import keras, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from balpoe_tf import losses, models, training
+
+    counts, x = [4, 3, 2], np.random.RandomState(0).randn(8, 8, 8, 3).astype("float32")
+    y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
+    def build():
+        keras.utils.set_random_seed(1)
+        model = models.BalPoEModel(3, 2, "resnet8", input_shape=(8, 8, 3))
+        model.compile(training.SGDWithL2(1.0, momentum=0.0, l2=0.0),
+                      losses.LogitAdjustedLoss(counts, [1, -1]), mixup_alpha=0.0)
+        return model
+
+    reference = build()
+    start = [w.numpy() for w in reference.trainable_weights]
+    # What the mean over the global batch asks for: the average of the two replicas'
+    # half-batch gradients (each replica's BN sees its own half).
+    grads = []
+    for half in (slice(0, 4), slice(4, 8)):
+        with tf.GradientTape() as tape:
+            out = reference(x[half], training=True)
+            loss = tf.reduce_mean(reference.balpoe_loss.call(y[half], out["expert_logits"]))
+        grads.append(tape.gradient(loss, reference.trainable_weights))
+    expected = [w - (a + b).numpy() / 2 for w, a, b in zip(start, *grads)]
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build()
+    for w, s in zip(model.trainable_weights, start):
+        w.assign(s)
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=1, verbose=0)
+    err = max(float(np.max(np.abs(w.numpy() - e))) for w, e in zip(model.trainable_weights, expected))
+    print("replicas", strategy.num_replicas_in_sync, "max_error", err)
+    assert strategy.num_replicas_in_sync == 2 and err < 1e-4, err
+""")
+
+
+def test_mirrored_strategy_scales_loss_by_global_batch():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", DISTRIBUTED], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "replicas 2" in result.stdout
