@@ -467,7 +467,9 @@ def cifar_augment(images: tf.Tensor, seed: tf.Tensor, pad: int = 4,
         fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
 
 
-AUGMENTATIONS = ("cifar", "crop_flip", "none")
+# cifar: crop, flip, rotation (standard schedule); autoaugment: crop, flip and the
+# CIFAR-10 AutoAugment policy (long schedule); crop_flip; none.
+AUGMENTATIONS = ("cifar", "autoaugment", "crop_flip", "none")
 
 
 def _augment(images, seed, augment: str):
@@ -475,6 +477,11 @@ def _augment(images, seed, augment: str):
         return cifar_augment(images, seed)
     if augment == "crop_flip":
         return cifar_augment(images, seed, max_degrees=0.0)
+    if augment == "autoaugment":
+        from balpoe_tf.autoaugment import autoaugment_cifar
+
+        s_crop, s_policy = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        return autoaugment_cifar(cifar_augment(images, s_crop, max_degrees=0.0), s_policy)
     if augment == "none":
         return tf.cast(images, tf.float32)
     raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")

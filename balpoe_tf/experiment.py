@@ -1,0 +1,459 @@
+"""A training run: configuration, run folder, checkpoints and resume, logging, results.
+
+`RunConfig` is the single list of run settings; `tools/train.py` turns each field into
+an absl flag, so flag files in `configs/` set exactly these names.
+"""
+
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import re
+import time
+from typing import Callable, List
+
+import numpy as np
+
+import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
+import keras
+import tensorflow as tf
+
+from balpoe_tf import data as lt_data
+from balpoe_tf import losses, models, training
+
+
+def _field(default, help_text):
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a training run (each field is a flag of tools/train.py)."""
+
+    output_dir: str = _field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.")
+    # Data.
+    dataset: str = _field("digits", f"Data source: one of {sorted(lt_data.DATASETS)}.")
+    data_dir: str = _field("", "TFDS data_dir holding prepared cifar10/cifar100.")
+    download: bool = _field(False, "Let TFDS download the dataset (needs internet).")
+    data_path: str = _field("", "The .npz file (--dataset=npz) or image folder (--dataset=folder).")
+    train_list: str = _field("", "'path label' list of training images (--dataset=list).")
+    test_list: str = _field("", "'path label' list of test images (--dataset=list).")
+    data_root: str = _field("", "Folder the list-file paths are relative to.")
+    num_classes: int = _field(0, "Number of classes for --dataset=list (0: largest label + 1).")
+    image_size: int = _field(32, "Side of the model input for image files.")
+    imbalance_ratio: float = _field(100.0, "Head/tail ratio of the long-tailed training split; "
+                                           "0 keeps the source's own class counts.")
+    augment: str = _field("cifar", f"Training augmentation: one of {lt_data.AUGMENTATIONS}.")
+    # Model.
+    backbone: str = _field("resnet32", f"Backbone: one of {sorted(models.BACKBONES)}.")
+    num_experts: int = _field(3, "Number of experts M.")
+    lambdas: List[float] = _field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).")
+    target_mean_lambda: float = _field(0.0, "Mean lambda the ensemble should have (0: balanced); "
+                                            "a different mean of --lambdas warns.")
+    scale: float = _field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).")
+    # Optimisation.
+    epochs: int = _field(200, "Training epochs.")
+    batch_size: int = _field(128, "Global batch size.")
+    lr: float = _field(0.1, "Base learning rate.")
+    schedule: str = _field("step", "LR schedule, stepped per epoch: 'step' (warm-up, x gamma at "
+                                    "--milestones) or 'cosine' (to 0 at --epochs).")
+    warmup_epochs: int = _field(5, "Linear warm-up epochs.")
+    milestones: List[int] = _field([160, 180], "Epochs (0-based) at which 'step' multiplies the LR by --gamma.")
+    gamma: float = _field(0.1, "LR decay factor of 'step'.")
+    weight_decay: float = _field(5e-4, "L2 weight decay (added to the gradient before momentum).")
+    momentum: float = _field(0.9, "SGD momentum.")
+    nesterov: bool = _field(True, "Nesterov momentum.")
+    mixup_alpha: float = _field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.")
+    seed: int = _field(1, "Seed of initialisation, shuffling, augmentation and mixup.")
+    deterministic: bool = _field(False, "Enable TensorFlow op determinism (same seed, same weights).")
+    jit_compile: bool = _field(False, "Compile the train step with XLA (slower on CPU; measured).")
+    # Run control.
+    eval_every: int = _field(10, "Evaluate on the test set every N epochs (and at the end).")
+    checkpoint_every: int = _field(10, "Save a checkpoint every N epochs (and at the end).")
+    compare: List[str] = _field([], "Baselines to train after this run with the same data and "
+                                    "schedule, and to put in the result table: ce, bs, uniform, erm.")
+    dry_run: bool = _field(False, "Build data and model, run one training step and one test batch, exit.")
+
+
+# Settings that do not change what a run computes, so a resumed run may differ in them.
+RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "data_dir",
+               "download", "data_path", "train_list", "test_list", "data_root", "jit_compile")
+
+# Baselines in the same code: name -> overrides.
+BASELINES = {
+    "ce": dict(num_experts=1, lambdas=[1.0], target_mean_lambda=1.0, mixup_alpha=0.0),
+    "bs": dict(num_experts=1, lambdas=[0.0], target_mean_lambda=0.0, mixup_alpha=0.0),
+    "erm": dict(mixup_alpha=0.0),
+    "uniform": dict(lambdas=None),  # M experts, all lambda = 0
+}
+
+RESULT_COLUMNS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
+
+
+class RunError(RuntimeError):
+    """A run cannot start as configured; the message says why and what to do."""
+
+
+def baseline_config(config: RunConfig, name: str) -> RunConfig:
+    """The config of baseline `name` trained like `config`, in a sub-folder of its run."""
+    if name not in BASELINES:
+        raise RunError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}")
+    overrides = dict(BASELINES[name])
+    if overrides.get("lambdas", 1) is None:
+        overrides["lambdas"] = [0.0] * config.num_experts
+    return dataclasses.replace(config, output_dir=os.path.join(config.output_dir, f"baseline_{name}"),
+                               compare=[], **overrides)
+
+
+def load_data(config: RunConfig) -> lt_data.LabeledData:
+    return lt_data.load_dataset(
+        config.dataset, imbalance_ratio=config.imbalance_ratio or None, data_dir=config.data_dir or None,
+        download=config.download, data_path=config.data_path, train_list=config.train_list,
+        test_list=config.test_list, data_root=config.data_root,
+        num_classes=config.num_classes or None, image_size=config.image_size)
+
+
+def make_schedule(config: RunConfig, steps_per_epoch: int):
+    if config.schedule == "step":
+        return training.WarmupStepSchedule(config.lr, steps_per_epoch, config.warmup_epochs,
+                                           config.milestones, config.gamma)
+    if config.schedule == "cosine":
+        return training.EpochCosineSchedule(config.lr, steps_per_epoch, config.epochs, config.warmup_epochs)
+    raise RunError(f"unknown --schedule {config.schedule!r}; use 'step' or 'cosine'")
+
+
+def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: int) -> models.BalPoEModel:
+    """A compiled BalPoE model for `config` (call inside the strategy scope)."""
+    losses.check_lambdas(config.lambdas, config.num_experts, config.target_mean_lambda)
+    model = models.BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
+                               input_shape=data.image_shape)
+    optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
+                                   config.nesterov, config.weight_decay)
+    loss = losses.LogitAdjustedLoss(data.train_counts(), config.lambdas, config.target_mean_lambda)
+    model.compile(optimizer, loss, mixup_alpha=config.mixup_alpha, seed=config.seed,
+                  jit_compile=config.jit_compile)
+    return model
+
+
+def lr_schedule(model):
+    """The per-epoch schedule object behind the model's optimizer."""
+    # Keras exposes only the current LR value publicly; the schedule is `_learning_rate`.
+    return model.optimizer._learning_rate
+
+
+# ---------------------------------------------------------------------------------------
+# Run folder.
+
+CHECKPOINT_PATTERN = "checkpoints/epoch_{:04d}.keras"
+
+
+def _config_path(output_dir):
+    return os.path.join(output_dir, "config.json")
+
+
+def latest_checkpoint(output_dir: str):
+    """(epoch, path) of the newest checkpoint in a run folder, or (0, None)."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoints", "epoch_*.keras")):
+        match = re.search(r"epoch_(\d+)\.keras$", path)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found) if found else (0, None)
+
+
+def check_run_folder(config: RunConfig):
+    """Fail if the run folder holds another run's checkpoint that this config cannot resume."""
+    _, checkpoint = latest_checkpoint(config.output_dir)
+    if checkpoint is None:
+        return
+    path = _config_path(config.output_dir)
+    if not os.path.isfile(path):
+        raise RunError(f"{config.output_dir} holds checkpoint {checkpoint} but no config.json, so it "
+                       "cannot be resumed safely: use a new --output_dir or delete the folder")
+    with open(path) as f:
+        saved = json.load(f)["config"]
+    current = dataclasses.asdict(config)
+    diffs = [f"--{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current
+             if k not in RUN_CONTROL and saved.get(k) != current[k]]
+    if diffs:
+        raise RunError(f"{config.output_dir} holds a checkpoint of a different run ("
+                       + "; ".join(diffs) + "): use a new --output_dir, or the saved settings "
+                       f"(--flagfile={os.path.join(config.output_dir, 'flags.txt')}) to resume it")
+
+
+def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models.BalPoEModel,
+                     steps_per_epoch: int):
+    """flags.txt (re-runnable flag file) and config.json (settings, schedule, optimizer, data)."""
+    os.makedirs(config.output_dir, exist_ok=True)
+    schedule = lr_schedule(model)
+    record = {
+        "config": dataclasses.asdict(config),
+        "data": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
+                 "test_size": len(data.test), "train_counts": data.train_counts().tolist(),
+                 "image_shape": list(data.image_shape)},
+        "steps_per_epoch": steps_per_epoch,
+        "lr_by_epoch": [float(schedule.epoch_lr(e)) for e in range(config.epochs)],
+        "optimizer": keras.saving.serialize_keras_object(model.optimizer),
+        "model": model.get_config(),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "balpoe_tf": balpoe_tf.__version__},
+    }
+    with open(_config_path(config.output_dir), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    with open(os.path.join(config.output_dir, "flags.txt"), "w") as f:
+        f.write(config_to_flags(config))
+
+
+def config_to_flags(config: RunConfig) -> str:
+    lines = []
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        lines.append(f"--{key}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def _save_atomic(model, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path[:-len(".keras")] + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Callbacks.
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves `checkpoints/epoch_NNNN.keras` (model, optimizer state, schedule position)
+    every `every` epochs and at the last one, keeping the newest `keep`."""
+
+    def __init__(self, output_dir, every, epochs, keep=2):
+        super().__init__()
+        self.output_dir, self.every, self.epochs, self.keep = output_dir, every, epochs, keep
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        if done % self.every and done != self.epochs:
+            return
+        _save_atomic(self.model, os.path.join(self.output_dir, CHECKPOINT_PATTERN.format(done)))
+        for path in sorted(glob.glob(os.path.join(self.output_dir, "checkpoints", "epoch_*.keras")))[:-self.keep]:
+            os.remove(path)
+
+
+class ProgressLine(keras.callbacks.Callback):
+    """One line per epoch: losses, accuracies, LR, throughput (images/s) and ETA."""
+
+    def __init__(self, num_images, epochs, schedule, log: Callable[[str], None] = print):
+        super().__init__()
+        self.num_images, self.epochs, self.schedule, self.log = num_images, epochs, schedule, log
+        self.durations = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.start
+        self.durations.append(seconds)
+        eta = np.median(self.durations[-5:]) * (self.epochs - epoch - 1)
+        logs = logs or {}
+        parts = [f"epoch {epoch + 1}/{self.epochs}", f"lr {float(self.schedule.epoch_lr(epoch)):.4g}",
+                 f"loss {logs.get('loss', float('nan')):.4f}", f"acc {logs.get('accuracy', float('nan')):.4f}"]
+        if "val_accuracy" in logs:
+            parts += [f"test acc {logs['val_accuracy']:.4f}",
+                      "many/med/few " + "/".join(f"{logs.get(f'val_{g}_accuracy', float('nan')):.3f}"
+                                                 for g in ("many", "medium", "few")),
+                      f"ECE {logs.get('val_ece', float('nan')):.4f}"]
+        parts += [f"{self.num_images / seconds:.0f} img/s", f"ETA {_hms(eta)}"]
+        self.log("  ".join(parts))
+
+
+def _hms(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def reliability_diagram_png(count, confidence, hits, title="") -> bytes:
+    """A reliability diagram (accuracy and mean confidence per bin) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    count, confidence, hits = (np.asarray(v, np.float64) for v in (count, confidence, hits))
+    bins = len(count)
+    edges = np.linspace(0, 1, bins + 1)
+    nonempty = count > 0
+    acc = np.where(nonempty, hits / np.maximum(count, 1), 0)
+    conf = np.where(nonempty, confidence / np.maximum(count, 1), 0)
+    ece = np.abs(hits - confidence).sum() / max(count.sum(), 1)
+    mce = np.max(np.where(nonempty, np.abs(acc - conf), 0))
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    ax.bar(edges[:-1], acc, width=1 / bins, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(edges[:-1], conf - acc, bottom=acc, width=1 / bins, align="edge", color="red",
+           alpha=0.3, label="gap")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"{title} ECE {100 * ece:.1f}  MCE {100 * mce:.1f}".strip())
+    ax.legend(loc="upper left")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class BalPoETensorBoard(keras.callbacks.Callback):
+    """LR per epoch, a reliability diagram at each evaluation, and the run's hparams,
+    next to the scalars Keras' TensorBoard callback writes."""
+
+    def __init__(self, log_dir, schedule, hparams: dict):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "balpoe"))
+        self.schedule, self.hparams = schedule, hparams
+
+    def on_train_begin(self, logs=None):
+        from tensorboard.plugins.hparams import api as hp
+
+        with self.writer.as_default():
+            hp.hparams(self.hparams)
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self.writer.as_default(step=epoch + 1):
+            tf.summary.scalar("learning_rate", self.schedule.epoch_lr(epoch))
+            if logs and "val_ece" in logs:
+                cal = self.model.calibration
+                png = reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),
+                                              f"epoch {epoch + 1}")
+                tf.summary.image("reliability_diagram", tf.image.decode_png(png)[None])
+        self.writer.flush()
+
+
+# ---------------------------------------------------------------------------------------
+# Training.
+
+
+def _strategy():
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def _hparams(config: RunConfig) -> dict:
+    out = {}
+    for key, value in dataclasses.asdict(config).items():
+        if key in RUN_CONTROL:
+            continue
+        out[key] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
+    """Train (or resume) one run and evaluate it on the balanced test set.
+
+    Args:
+        config: the run settings.
+        log: where progress lines go.
+
+    Returns:
+        Final test metrics (empty for a dry run).
+    """
+    if not config.dry_run:
+        check_run_folder(config)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(config.seed)
+    data = load_data(config)
+    steps = lt_data.steps_per_epoch(len(data.train), config.batch_size)
+    log(f"data {data.name}: {len(data.train)} training images in {data.num_classes} classes "
+        f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
+
+    start_epoch, checkpoint = (0, None) if config.dry_run else latest_checkpoint(config.output_dir)
+    with _strategy().scope():
+        if checkpoint:
+            model = keras.saving.load_model(checkpoint)
+            log(f"resuming from {checkpoint} (epoch {start_epoch})")
+        else:
+            model = build_model(config, data, steps)
+    schedule = lr_schedule(model)
+    log(f"model {config.backbone} x {config.num_experts} experts, lambdas {config.lambdas}, "
+        f"{models.count_params(model):,} parameters; {steps} steps/epoch")
+
+    train_ds = lt_data.train_pipeline(data, config.batch_size, config.epochs, config.seed,
+                                      config.augment, start_epoch)
+    test_ds = lt_data.test_pipeline(data, max(config.batch_size, 256))
+    if config.dry_run:
+        images, labels = next(iter(train_ds))
+        logs = model.train_on_batch(images, labels, return_dict=True)
+        test_logs = model.test_on_batch(*next(iter(test_ds)), return_dict=True)
+        log(f"dry run: batch {tuple(images.shape)}, train loss {logs['loss']:.4f}, "
+            f"test-batch accuracy {test_logs['accuracy']:.4f}")
+        return {}
+
+    write_run_record(config, data, model, steps)
+    if start_epoch < config.epochs:
+        log_dir = os.path.join(config.output_dir, "tensorboard")
+        callbacks = [
+            keras.callbacks.TensorBoard(log_dir, write_graph=False),
+            BalPoETensorBoard(log_dir, schedule, _hparams(config)),
+            EpochCheckpoint(config.output_dir, config.checkpoint_every, config.epochs),
+            ProgressLine(len(data.train), config.epochs, schedule, log),
+        ]
+        model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
+                  validation_data=test_ds, validation_freq=_eval_epochs(config, start_epoch),
+                  callbacks=callbacks, shuffle=False, verbose=0)
+
+    results = {k: float(v) for k, v in model.evaluate(test_ds, return_dict=True, verbose=0).items()}
+    cal = model.calibration
+    with open(os.path.join(config.output_dir, "reliability_diagram.png"), "wb") as f:
+        f.write(reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),
+                                        data.name))
+    model.save(os.path.join(config.output_dir, "model.keras"))
+    with open(os.path.join(config.output_dir, "results.json"), "w") as f:
+        json.dump({"epochs": config.epochs, "test": results}, f, indent=1)
+    log(f"done: {config.output_dir}/model.keras, results.json")
+    return results
+
+
+def _eval_epochs(config: RunConfig, start_epoch: int) -> list:
+    # 1-based epochs at which Keras evaluates: every eval_every epochs, and the last.
+    every = max(config.eval_every, 1)
+    return sorted({e for e in range(start_epoch + 1, config.epochs + 1) if e % every == 0} | {config.epochs})
+
+
+def format_table(rows: dict, columns=RESULT_COLUMNS) -> str:
+    """A Markdown table of runs (rows) by metrics (columns, in %; NLL as is)."""
+    head = "| run | " + " | ".join(c.replace("_accuracy", "") for c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for name, metrics in rows.items():
+        cells = []
+        for c in columns:
+            value = metrics.get(c, float("nan"))
+            cells.append("n/a" if value is None or math.isnan(value)
+                         else f"{value:.3f}" if c == "nll" else f"{100 * value:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def train_with_baselines(config: RunConfig, log: Callable[[str], None] = print) -> dict:
+    """Train `config`, then each baseline of `config.compare`; print and save the table."""
+    for name in config.compare:
+        baseline_config(config, name)  # unknown names fail before any training
+    label = "BalPoE" if config.num_experts > 1 else "run"
+    rows = {f"{label} (lambdas {','.join(f'{v:g}' for v in config.lambdas)})": train(config, log)}
+    if config.dry_run:
+        return rows
+    for name in config.compare:
+        log(f"--- baseline {name} ---")
+        rows[name] = train(baseline_config(config, name), log)
+    table = format_table(rows)
+    with open(os.path.join(config.output_dir, "results.md"), "w") as f:
+        f.write(f"Balanced test set of {config.dataset}, IR {config.imbalance_ratio:g}, "
+                f"{config.epochs} epochs (% except NLL)\n\n{table}\n")
+    log(table)
+    return rows

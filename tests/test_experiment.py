@@ -1,0 +1,209 @@
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from balpoe_tf import cli, experiment
+from balpoe_tf import data as lt_data
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.flags")))
+# The demo config, made tiny: 3 epochs, no baselines.
+TINY = ["--flagfile=configs/demo.flags", "--compare=", "--epochs=3", "--eval_every=1",
+        "--checkpoint_every=1", "--deterministic"]
+
+
+def run_cli(*args, timeout=900):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "tools/train.py", *args], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def parse(*args) -> experiment.RunConfig:
+    values = flags.FlagValues()
+    cli.define_flags(experiment.RunConfig, values)
+    values(["train.py", *args])
+    return cli.config_from_flags(experiment.RunConfig, values)
+
+
+def _balanced_cifar(num_classes, per_class=100):
+    rng = np.random.RandomState(0)
+    labels = np.repeat(np.arange(num_classes), per_class)
+    images = rng.randint(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+    return lt_data.from_arrays(f"cifar{num_classes}", images, labels, images[::per_class],
+                               labels[::per_class], mean=lt_data.CIFAR_MEAN, std=lt_data.CIFAR_STD)
+
+
+def _config_groups():
+    """Config files grouped by what their dry run exercises (data, experts, augmentation,
+    backbone); each group's first file is dry-run, all of them are parsed."""
+    groups = {}
+    for path in CONFIGS:
+        c = parse(f"--flagfile={path}")
+        groups.setdefault(f"{c.dataset}-M{c.num_experts}-{c.augment}-{c.backbone}", []).append(path)
+    return groups
+
+
+CONFIG_GROUPS = _config_groups()
+
+
+def test_config_files_cover_the_paper():
+    names = {os.path.basename(p)[:-len(".flags")] for p in CONFIGS}
+    for c in (10, 100):
+        for ir in (10, 50, 100):
+            assert {f"cifar{c}_ir{ir}", f"cifar{c}_ir{ir}_long"} <= names
+    for baseline in ("ce", "bs", "erm", "uniform"):
+        assert f"cifar100_ir100_{baseline}" in names
+    assert "demo" in names
+
+
+@pytest.mark.parametrize("group", sorted(CONFIG_GROUPS))
+def test_config_files_build_their_run(group, monkeypatch, tmp_path):
+    # CIFAR comes from TFDS, which tests never download: a generated balanced stand-in
+    # with 100 images per class (enough for IR 100) replaces it.
+    monkeypatch.setitem(lt_data.DATASETS, "cifar10", lambda o: _balanced_cifar(10))
+    monkeypatch.setitem(lt_data.DATASETS, "cifar100", lambda o: _balanced_cifar(100))
+    paths = CONFIG_GROUPS[group]
+    for path in paths:
+        config = parse(f"--flagfile={path}", f"--output_dir={tmp_path}", "--dry_run")
+        assert len(config.lambdas) == config.num_experts, path
+    logs = []
+    assert experiment.train_with_baselines(config, log=logs.append)
+    assert any(line.startswith("dry run: batch") for line in logs), logs
+    assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_paper_settings_in_configs():
+    c = parse("--flagfile=configs/cifar100_ir100.flags")
+    assert (c.dataset, c.imbalance_ratio, c.epochs, c.batch_size, c.lr, c.warmup_epochs) == \
+        ("cifar100", 100.0, 200, 128, 0.1, 5)
+    assert (c.milestones, c.weight_decay, c.mixup_alpha, c.lambdas, c.scale) == \
+        ([160, 180], 5e-4, 0.4, [1.0, 0.0, -1.0], 30.0)
+    long = parse("--flagfile=configs/cifar10_ir10_long.flags")
+    assert (long.epochs, long.warmup_epochs, long.milestones, long.augment, long.mixup_alpha) == \
+        (400, 10, [320, 360], "autoaugment", 0.8)
+    ce = parse("--flagfile=configs/cifar100_ir100_ce.flags")
+    assert (ce.num_experts, ce.lambdas, ce.mixup_alpha) == (1, [1.0], 0.0)
+    # Any flag can be overridden after the flag file.
+    assert parse("--flagfile=configs/cifar100_ir100.flags", "--lr=0.05").lr == 0.05
+
+
+def test_baseline_configs():
+    base = parse("--flagfile=configs/cifar100_ir100.flags", "--output_dir=/r")
+    ce = experiment.baseline_config(base, "ce")
+    assert (ce.num_experts, ce.lambdas, ce.mixup_alpha, ce.output_dir) == (1, [1.0], 0.0, "/r/baseline_ce")
+    assert experiment.baseline_config(base, "uniform").lambdas == [0.0, 0.0, 0.0]
+    assert experiment.baseline_config(base, "erm").mixup_alpha == 0.0
+    with pytest.raises(experiment.RunError, match="unknown baseline 'xx'"):
+        experiment.baseline_config(base, "xx")
+
+
+def test_format_table():
+    table = experiment.format_table({"a": {"accuracy": 0.5, "few_accuracy": float("nan"), "nll": 1.23456}},
+                                    columns=("accuracy", "few_accuracy", "nll"))
+    assert table.splitlines() == ["| run | accuracy | few | nll |", "|---|---|---|---|",
+                                  "| a | 50.0 | n/a | 1.235 |"]
+
+
+def test_train_cli_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*TINY, "--compare=ce", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "img/s" in result.stdout and "ETA" in result.stdout and "epoch 3/3" in result.stdout
+    assert "| ce |" in result.stdout and "| BalPoE (lambdas 1,0,-1) |" in result.stdout
+    for name in ("flags.txt", "config.json", "results.json", "results.md", "model.keras",
+                 "reliability_diagram.png", "checkpoints/epoch_0003.keras", "baseline_ce/model.keras"):
+        assert (out / name).exists(), name
+    record = json.loads((out / "config.json").read_text())
+    assert record["lr_by_epoch"] == pytest.approx([0.05, 0.1, 0.1])
+    assert record["config"]["lambdas"] == [1.0, 0.0, -1.0]
+    results = json.loads((out / "results.json").read_text())["test"]
+    assert 0.0 <= results["accuracy"] <= 1.0 and "few_accuracy" in results and "ece" in results
+    # The recorded flags reproduce the run's settings.
+    saved = parse(f"--flagfile={out / 'flags.txt'}")
+    assert dataclasses.asdict(saved) == record["config"]
+    tags = set()
+    for event_file in glob.glob(str(out / "tensorboard" / "**" / "events.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(event_file):
+            tags.update(v.tag for v in event.summary.value)
+    for tag in ("epoch_loss", "epoch_accuracy", "epoch_few_accuracy", "epoch_ece",
+                "epoch_expert2_accuracy", "learning_rate", "reliability_diagram", "_hparams_/session_start_info"):
+        assert tag in tags, (tag, sorted(tags))
+
+
+def _weights(path):
+    model = keras.saving.load_model(path)
+    return model, [w.numpy() for w in model.weights]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    args = [*TINY, "--epochs=10"]
+    full = run_cli(*args, f"--output_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.Popen([sys.executable, "tools/train.py", *args, f"--output_dir={killed}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "epoch_0003.keras").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.keras").exists()  # it really was killed mid-run
+
+    resumed = run_cli(*args, f"--output_dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "epoch 10/10" in resumed.stdout
+    a, wa = _weights(tmp_path / "full" / "model.keras")
+    b, wb = _weights(killed / "model.keras")
+    assert int(a.optimizer.iterations) == int(b.optimizer.iterations) == 10 * 8
+    for x, y in zip(wa, wb):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(a.optimizer.variables, b.optimizer.variables):  # momentum buffers
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
+
+
+def test_same_seed_gives_identical_weights(tmp_path):
+    for name in ("a", "b"):
+        result = run_cli(*TINY, "--epochs=2", "--augment=cifar", f"--output_dir={tmp_path / name}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    _, wa = _weights(tmp_path / "a" / "model.keras")
+    _, wb = _weights(tmp_path / "b" / "model.keras")
+    for x, y in zip(wa, wb):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_clear_errors(tmp_path):
+    result = run_cli("--flagfile=configs/demo.flags", "--learning_rate=0.1")
+    assert result.returncode != 0 and "Unknown command line flag 'learning_rate'" in result.stderr
+    result = run_cli("--flagfile=configs/nope.flags")
+    assert result.returncode != 0 and "Unable to open flagfile" in result.stderr
+    result = run_cli("--dataset=cifar100", f"--data_dir={tmp_path}", "--dry_run")
+    assert result.returncode == 2 and "not available offline" in result.stderr and "--data_dir" in result.stderr
+    result = run_cli("--flagfile=configs/demo.flags", "--lambdas=1,0", "--dry_run")
+    assert result.returncode == 2 and "2 lambda value(s) [1.0, 0.0] for 3 experts" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_incompatible_run_folder_is_refused(tmp_path):
+    config = parse(*TINY, "--epochs=1", f"--output_dir={tmp_path}")
+    experiment.train(config, log=lambda line: None)
+    with pytest.raises(experiment.RunError, match="checkpoint of a different run.*--lambdas"):
+        experiment.check_run_folder(dataclasses.replace(config, lambdas=[0.0, 0.0, 0.0]))
+    experiment.check_run_folder(dataclasses.replace(config, eval_every=5))  # run control may change
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(experiment.RunError, match="no config.json"):
+        experiment.check_run_folder(config)

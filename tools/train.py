@@ -1,0 +1,29 @@
+"""Train a BalPoE ensemble (or a baseline) and evaluate it on the balanced test set.
+
+    python tools/train.py --flagfile=configs/cifar100_ir100.flags [--any_flag=value ...]
+
+Every field of `balpoe_tf.experiment.RunConfig` is a flag; `--helpfull` lists them.
+A run folder that holds a checkpoint of the same run is resumed from it.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+from absl import app  # noqa: E402
+
+from balpoe_tf import cli, experiment  # noqa: E402
+
+cli.define_flags(experiment.RunConfig)
+
+
+def main(argv):
+    cli.reject_positional(argv)
+    config = cli.config_from_flags(experiment.RunConfig)
+    return cli.run_reporting_errors(lambda: experiment.train_with_baselines(config))
+
+
+if __name__ == "__main__":
+    app.run(main)
