@@ -128,7 +128,6 @@ def make_schedule(config: RunConfig, steps_per_epoch: int):
 
 def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: int) -> models.BalPoEModel:
     """A compiled BalPoE model for `config` (call inside the strategy scope)."""
-    losses.check_lambdas(config.lambdas, config.num_experts, config.target_mean_lambda)
     model = models.BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
                                input_shape=data.image_shape)
     optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
@@ -194,6 +193,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
         "config": dataclasses.asdict(config),
         "data": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
                  "test_size": len(data.test), "train_counts": data.train_counts().tolist(),
+                 "class_names": list(data.class_names),
                  "image_shape": list(data.image_shape)},
         "steps_per_epoch": steps_per_epoch,
         "lr_by_epoch": [float(schedule.epoch_lr(e)) for e in range(config.epochs)],
@@ -396,6 +396,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
         return {}
 
     write_run_record(config, data, model, steps)
+    results = {}
     if start_epoch < config.epochs:
         log_dir = os.path.join(config.output_dir, "tensorboard")
         callbacks = [
@@ -404,11 +405,15 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
             EpochCheckpoint(config.output_dir, config.checkpoint_every, config.epochs),
             ProgressLine(len(data.train), config.epochs, schedule, log),
         ]
-        model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch, steps_per_epoch=steps,
-                  validation_data=test_ds, validation_freq=_eval_epochs(config, start_epoch),
-                  callbacks=callbacks, shuffle=False, verbose=0)
-
-    results = {k: float(v) for k, v in model.evaluate(test_ds, return_dict=True, verbose=0).items()}
+        history = model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch,
+                            steps_per_epoch=steps, validation_data=test_ds,
+                            validation_freq=_eval_epochs(config, start_epoch),
+                            callbacks=callbacks, shuffle=False, verbose=0)
+        # The last epoch is always evaluated; its metrics are the final results.
+        results = {k[len("val_"):]: v[-1] for k, v in history.history.items() if k.startswith("val_")}
+    if not results:
+        results = model.evaluate(test_ds, return_dict=True, verbose=0)
+    results = {k: float(v) for k, v in results.items()}
     cal = model.calibration
     with open(os.path.join(config.output_dir, "reliability_diagram.png"), "wb") as f:
         f.write(reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),

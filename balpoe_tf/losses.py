@@ -14,12 +14,11 @@ from balpoe_tf.data import class_prior
 LOG_PRIOR_EPS = 1e-9
 
 
-def check_lambdas(lambdas, num_experts=None, target_mean=0.0, tolerance=1e-6):
+def check_lambdas(lambdas, target_mean=0.0, tolerance=1e-6):
     """Validate the experts' lambda values.
 
     Args:
         lambdas: one lambda per expert (tau = 1 - lambda).
-        num_experts: if given, the list must have exactly this many values.
         target_mean: the mean lambda the ensemble should have (0 gives the balanced,
             Fisher-consistent ensemble); a different mean only warns, because some
             published settings (ImageNet-LT: mean -0.25) deliberately tilt it.
@@ -31,17 +30,13 @@ def check_lambdas(lambdas, num_experts=None, target_mean=0.0, tolerance=1e-6):
     values = np.asarray(lambdas, dtype=np.float64).reshape(-1)
     if values.size == 0:
         raise ValueError("lambdas is empty: give one lambda per expert, e.g. 1,0,-1")
-    if num_experts is not None and values.size != num_experts:
-        raise ValueError(
-            f"{values.size} lambda value(s) {values.tolist()} for {num_experts} experts: "
-            "give exactly one lambda per expert (or change --num_experts)"
-        )
     if abs(values.mean() - target_mean) > tolerance:
         warnings.warn(
             f"mean lambda is {values.mean():g}, not the target {target_mean:g}: the ensemble "
             f"then targets the prior pi^{values.mean():g} instead of pi^{target_mean:g} "
-            "(lambda_bar = 0 is the balanced, Fisher-consistent ensemble)",
-            stacklevel=2,
+            "(lambda_bar = 0 is the balanced, Fisher-consistent ensemble); set "
+            "--target_mean_lambda if this is intended",
+            stacklevel=3,
         )
     return values
 

@@ -345,8 +345,9 @@ class BalPoEModel(keras.Model):
             **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`).
         """
         if loss.num_experts != self.num_experts:
-            raise ValueError(f"{loss.num_experts} lambdas for {self.num_experts} experts: "
-                             "give exactly one lambda per expert")
+            raise ValueError(f"{loss.num_experts} lambda value(s) {loss.lambdas} for "
+                             f"{self.num_experts} experts: give exactly one lambda per expert "
+                             "(or change --num_experts)")
         if len(loss.class_counts) != self.num_classes:
             raise ValueError(f"loss has {len(loss.class_counts)} class counts for a "
                              f"{self.num_classes}-class model")

@@ -109,7 +109,7 @@ def _compiled(num_experts=2, lr=0.1, alpha=0.0, data=None, seed=0):
 
 def test_lambda_list_must_match_experts():
     model = models.BalPoEModel(4, 3, "resnet8", input_shape=(8, 8, 3))
-    with pytest.raises(ValueError, match="2 lambdas for 3 experts"):
+    with pytest.raises(ValueError, match="2 lambda value\\(s\\) \\[1.0, -1.0\\] for 3 experts"):
         model.compile(training.SGDWithL2(0.1), losses.LogitAdjustedLoss([1, 1, 1, 1], [1, -1]))
 
 

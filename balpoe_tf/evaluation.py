@@ -1,0 +1,431 @@
+"""The paper's evaluation protocol: shifted (forward / backward long-tailed) test sets,
+test-time priors (none, known, estimated by EM), calibration and paper-style tables.
+
+The model runs once over the balanced test set; every shifted set is a subset of it, so
+its metrics come from indexing the stored logits.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
+import keras
+import tensorflow as tf
+
+from balpoe_tf import data as lt_data
+from balpoe_tf import experiment
+from balpoe_tf import metrics as lt_metrics
+
+SHIFT_RATIOS = (50, 25, 10, 5, 2)
+# Paper order: Forward 50 ... Forward 2, Uniform, Backward 2 ... Backward 50.
+DISTRIBUTIONS = tuple([f"forward{r}" for r in SHIFT_RATIOS] + ["uniform"]
+                      + [f"backward{r}" for r in reversed(SHIFT_RATIOS)])
+PRIOR_MODES = ("none", "known", "estimated")
+# A class absent from a shifted set gets this prior instead of 0, so no logit is -inf.
+PRIOR_FLOOR = 1e-8
+
+
+def parse_distribution(name: str):
+    """('forward' | 'backward' | 'uniform', ratio) of a distribution name like 'forward50'."""
+    if name == "uniform":
+        return "uniform", 1.0
+    for direction in ("forward", "backward"):
+        if name.startswith(direction) and name[len(direction):].replace(".", "", 1).isdigit():
+            return direction, float(name[len(direction):])
+    raise ValueError(f"unknown distribution {name!r}: use uniform, forwardR or backwardR (e.g. forward50)")
+
+
+def frequency_rank(train_counts) -> np.ndarray:
+    """Each class's rank by training frequency, 0 for the most frequent (ties by class id)."""
+    order = np.argsort(-np.asarray(train_counts), kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def shifted_counts(train_counts, n_max: int, name: str) -> np.ndarray:
+    """Per-class test images of a shifted set: `int(n_max * (1/ratio)^(k/(C-1)))`, with k
+    the class's training-frequency rank (reversed for backward)."""
+    direction, ratio = parse_distribution(name)
+    profile = lt_data.long_tailed_counts(n_max, len(train_counts), ratio, reverse=direction == "backward")
+    return profile[frequency_rank(train_counts)]
+
+
+def shifted_indices(test_labels, train_counts, name: str) -> np.ndarray:
+    """Indices into the balanced test set that form the shifted set `name` (seeded, fixed)."""
+    counts = lt_data.class_counts(test_labels, len(train_counts), "test label")
+    if name == "uniform":
+        return np.arange(len(test_labels))
+    return lt_data.long_tailed_indices(np.asarray(test_labels), shifted_counts(train_counts, counts.min(), name))
+
+
+def model_prior(train_counts, mean_lambda: float) -> np.ndarray:
+    """The label prior an ensemble with mean lambda targets: pi^lambda_bar, normalised."""
+    log_p = mean_lambda * np.log(lt_data.class_prior(train_counts))
+    p = np.exp(log_p - log_p.max())
+    return p / p.sum()
+
+
+def posthoc_adjust(logits, target_prior, train_counts, mean_lambda: float = 0.0):
+    """Logits re-targeted to `target_prior`: `+ log p_target - lambda_bar * log pi_train`.
+
+    For the balanced ensemble (mean lambda 0) this is the reference's `+ log p_test`; for
+    other means it first removes the prior the ensemble was trained to target. Zero
+    entries of the target prior are clamped to `PRIOR_FLOOR`.
+    """
+    target = np.asarray(target_prior, np.float64)
+    if target.shape != (np.shape(logits)[-1],) or np.any(target < 0) or target.sum() <= 0:
+        raise ValueError(f"target prior must be {np.shape(logits)[-1]} non-negative values with a "
+                         f"positive sum, got shape {target.shape}")
+    target = np.maximum(target / target.sum(), PRIOR_FLOOR)
+    bias = np.log(target) - mean_lambda * np.log(lt_data.class_prior(train_counts))
+    return np.asarray(logits, np.float64) + bias
+
+
+def _softmax(logits):
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def estimate_prior_em(probs, model_prior_: Optional[np.ndarray] = None, tol: float = 1e-8,
+                      max_iter: int = 1000) -> np.ndarray:
+    """Test label prior from unlabeled predictions, by EM (Saerens et al., 2002).
+
+    Args:
+        probs: `(N, C)` calibrated posteriors under the model's prior.
+        model_prior_: the prior the posteriors assume (uniform if None).
+        tol: stop when the prior moves less than this (L1).
+        max_iter: iteration limit.
+
+    Returns:
+        `(C,)` estimated test prior.
+    """
+    probs = np.asarray(probs, np.float64)
+    base = np.full(probs.shape[1], 1.0 / probs.shape[1]) if model_prior_ is None else np.asarray(model_prior_)
+    prior = base.copy()
+    for _ in range(max_iter):
+        adjusted = probs * (prior / base)
+        adjusted /= adjusted.sum(axis=1, keepdims=True)
+        new = adjusted.mean(axis=0)
+        done = np.abs(new - prior).sum() < tol
+        prior = new
+        if done:
+            break
+    return prior
+
+
+def brier_score(labels, probs) -> float:
+    """Mean over samples of sum_c (p_c - [y = c])^2."""
+    probs = np.asarray(probs, np.float64)
+    onehot = np.eye(probs.shape[1])[np.asarray(labels)]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def kl_divergence(p, q) -> float:
+    """KL(p || q) of two distributions (q floored at 1e-12)."""
+    p, q = np.asarray(p, np.float64), np.maximum(np.asarray(q, np.float64), 1e-12)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def set_metrics(labels, logits, train_counts) -> dict:
+    """Accuracy (over samples), many/medium/few (means of per-class accuracies; NaN for a
+    group with no class present), ECE, MCE, NLL and Brier of one set of predictions."""
+    out = lt_metrics.evaluate_logits(labels, np.asarray(logits, np.float32), train_counts)
+    out["brier"] = brier_score(labels, _softmax(logits))
+    out["size"] = int(len(labels))
+    return out
+
+
+@dataclasses.dataclass
+class Predictions:
+    """The model's outputs on the balanced test set."""
+
+    labels: np.ndarray  # (N,)
+    logits: np.ndarray  # (N, C) ensemble
+    expert_logits: np.ndarray  # (N, M, C)
+
+
+def predict(model, dataset: tf.data.Dataset) -> Predictions:
+    labels, logits, experts = [], [], []
+    forward = tf.function(lambda x: model(x, training=False))
+    for images, y in dataset:
+        out = forward(images)
+        labels.append(y.numpy())
+        logits.append(out["logits"].numpy())
+        experts.append(out["expert_logits"].numpy())
+    return Predictions(np.concatenate(labels), np.concatenate(logits), np.concatenate(experts))
+
+
+def expert_report(preds: Predictions, train_counts, lambdas: Sequence[float]) -> dict:
+    """Per expert: balanced accuracy, and KL(target prior pi^lambda || mean predicted
+    distribution on the balanced test set), as in the paper's Fig. 3; also for the ensemble
+    against its target pi^mean(lambda)."""
+    rows = {}
+    for m, lam in enumerate(list(lambdas) + [None]):
+        logits = preds.logits if lam is None else preds.expert_logits[:, m]
+        lam_value = float(np.mean(lambdas)) if lam is None else float(lam)
+        target = model_prior(train_counts, lam_value)
+        marginal = _softmax(logits).mean(axis=0)
+        rows["ensemble" if lam is None else f"expert{m}"] = {
+            "lambda": lam_value,
+            "accuracy": float(np.mean(np.argmax(logits, 1) == preds.labels)),
+            "kl_target_to_marginal": kl_divergence(target, marginal),
+        }
+    return rows
+
+
+def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
+                         distributions: Sequence[str] = DISTRIBUTIONS,
+                         prior_modes: Sequence[str] = PRIOR_MODES,
+                         subsets: Optional[Dict[str, np.ndarray]] = None) -> dict:
+    """Metrics of every (distribution, prior mode).
+
+    Args:
+        preds: balanced-test predictions.
+        train_counts: training images per class.
+        mean_lambda: the ensemble's mean lambda (its target prior is pi^mean_lambda).
+        distributions: names from `DISTRIBUTIONS` (or other forwardR / backwardR).
+        prior_modes: subset of `PRIOR_MODES`.
+        subsets: optional fixed index sets by distribution name (e.g. from list files);
+            others are built with `shifted_indices`.
+
+    Returns:
+        `{distribution: {prior_mode: metrics}}`; each distribution also has `counts`.
+    """
+    num_classes = preds.logits.shape[1]
+    base = model_prior(train_counts, mean_lambda)
+    results = {}
+    for name in distributions:
+        idx = (subsets or {}).get(name)
+        if idx is None:
+            idx = shifted_indices(preds.labels, train_counts, name)
+        labels, logits = preds.labels[idx], preds.logits[idx]
+        counts = np.bincount(labels, minlength=num_classes)
+        entry = {"counts": counts.tolist()}
+        for mode in prior_modes:
+            if mode == "none":
+                adjusted, prior = logits, None
+            elif mode == "known":
+                prior = counts / counts.sum()
+                adjusted = posthoc_adjust(logits, prior, train_counts, mean_lambda)
+            elif mode == "estimated":
+                prior = estimate_prior_em(_softmax(logits), base)
+                adjusted = posthoc_adjust(logits, prior, train_counts, mean_lambda)
+            else:
+                raise ValueError(f"unknown prior mode {mode!r}; choose from {PRIOR_MODES}")
+            entry[mode] = set_metrics(labels, adjusted, train_counts)
+            if mode == "estimated":
+                entry[mode]["prior_l1_error"] = float(np.abs(prior - counts / counts.sum()).sum())
+        results[name] = entry
+    return results
+
+
+# ---------------------------------------------------------------------------------------
+# Reports.
+
+_TITLES = {"none": "no prior", "known": "+ known test prior", "estimated": "+ prior estimated by EM"}
+
+
+def _column(name):
+    direction, ratio = parse_distribution(name)
+    return "Uniform" if direction == "uniform" else f"{direction.capitalize()} {ratio:g}"
+
+
+def accuracy_table(results_by_run: Dict[str, dict], metric: str = "accuracy") -> list:
+    """Rows `[method, prior mode, value per distribution...]` in the paper's layout (%)."""
+    rows = []
+    for run, results in results_by_run.items():
+        modes = [m for m in PRIOR_MODES if m in next(iter(results.values()))]
+        for mode in modes:
+            rows.append([run, _TITLES[mode]] + [100.0 * results[d][mode][metric] for d in results])
+    return rows
+
+
+def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], output_dir: str) -> dict:
+    """shifted_accuracy.{md,csv}, evaluation.json (and the Markdown of the balanced details)."""
+    os.makedirs(output_dir, exist_ok=True)
+    distributions = list(next(iter(results_by_run.values())))
+    header = ["method", "prior"] + [_column(d) for d in distributions]
+    rows = accuracy_table(results_by_run)
+    paths = {"markdown": os.path.join(output_dir, "shifted_accuracy.md"),
+             "csv": os.path.join(output_dir, "shifted_accuracy.csv"),
+             "json": os.path.join(output_dir, "evaluation.json")}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([r[:2] + [f"{v:.2f}" for v in r[2:]] for r in rows])
+    lines = ["Top-1 accuracy (%) over the samples of each test distribution.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r[:2] + [f"{v:.1f}" for v in r[2:]]) + " |" for r in rows]
+    lines += ["", "Balanced test set (%, NLL and Brier as they are).", "",
+              "| method | prior | accuracy | many | medium | few | ECE | MCE | NLL | Brier |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for run, results in results_by_run.items():
+        if "uniform" not in results:
+            continue
+        for mode in PRIOR_MODES:
+            if mode in results["uniform"]:
+                m = results["uniform"][mode]
+                cells = [_pct(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
+                                              "few_accuracy", "ece", "mce")]
+                lines.append(f"| {run} | {_TITLES[mode]} | " + " | ".join(cells)
+                             + f" | {m['nll']:.3f} | {m['brier']:.3f} |")
+    for run, detail in details.items():
+        lines += ["", f"Experts of {run} on the balanced test set: accuracy (%) and "
+                      "KL(target prior pi^lambda || mean predicted distribution).", "",
+                  "| member | lambda | accuracy | KL |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['lambda']:g} | {100 * v['accuracy']:.1f} | {v['kl_target_to_marginal']:.4f} |"
+                  for k, v in detail["experts"].items()]
+    with open(paths["markdown"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(paths["json"], "w") as f:
+        json.dump({"results": results_by_run, "details": details}, f, indent=1,
+                  default=lambda o: None if isinstance(o, float) and np.isnan(o) else o)
+    return paths
+
+
+def _pct(value):
+    return "n/a" if value is None or np.isnan(value) else f"{100 * value:.1f}"
+
+
+def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):
+    """(count, confidence sum, hits) per bin, for `experiment.reliability_diagram_png`."""
+    metric = lt_metrics.CalibrationError(num_bins)
+    metric.update_state(np.asarray(labels), np.asarray(logits, np.float32))
+    return metric.count.numpy(), metric.confidence.numpy(), metric.hits.numpy()
+
+
+def load_run(run_dir: str):
+    """(model, saved run record) of a run folder made by tools/train.py."""
+    record_path = os.path.join(run_dir, "config.json")
+    model_path = os.path.join(run_dir, "model.keras")
+    if not os.path.isfile(model_path):
+        _, model_path = experiment.latest_checkpoint(run_dir)
+    if not os.path.isfile(record_path) or not model_path:
+        raise experiment.RunError(f"{run_dir} holds no trained model (model.keras or checkpoints/) with its "
+                       "config.json: pass the --output_dir of a tools/train.py run")
+    with open(record_path) as f:
+        record = json.load(f)
+    return keras.saving.load_model(model_path), record
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluation command.
+
+
+def _field(default, help_text):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Settings of tools/evaluate.py (each field is a flag)."""
+
+    run_dir: str = _field("", "Run folder(s) of tools/train.py, comma-separated; each is a table row group.")
+    distributions: str = _field("all", "'all' or comma-separated names: uniform, forwardR, backwardR.")
+    priors: str = _field(",".join(PRIOR_MODES), "Comma-separated test-time prior modes: none, known, estimated.")
+    output_dir: str = _field("", "Where the reports go (default: RUN_DIR/evaluation of the first run).")
+    batch_size: int = _field(256, "Prediction batch size.")
+    shift_list_dir: str = _field("", "Folder of standard shifted-set list files ('path label' lines) "
+                                     "named *_<distribution>.txt (e.g. ImageNet_LT_forward50.txt); "
+                                     "without it the sets are built from the balanced test set.")
+    data_dir: str = _field("", "Override the run's --data_dir (TFDS data) on this machine.")
+    data_path: str = _field("", "Override the run's --data_path on this machine.")
+    data_root: str = _field("", "Override the run's --data_root on this machine.")
+
+
+def _run_config(record: dict, config: EvalConfig) -> "experiment.RunConfig":
+    saved = experiment.RunConfig(**record["config"])
+    overrides = {k: getattr(config, k) for k in ("data_dir", "data_path", "data_root") if getattr(config, k)}
+    return dataclasses.replace(saved, **overrides)
+
+
+def list_subsets(shift_list_dir: str, test: lt_data.Split, num_classes: int,
+                 distributions: Sequence[str], data_root: str = "") -> Dict[str, np.ndarray]:
+    """Index sets of the test split named by standard shifted-set list files, whose paths
+    are relative to `data_root` like the run's own lists."""
+    if not shift_list_dir:
+        return {}
+    if not os.path.isdir(shift_list_dir):
+        raise lt_data.DataError(f"--shift_list_dir {shift_list_dir!r} does not exist")
+    if not test.is_files:
+        raise lt_data.DataError("--shift_list_dir needs a run trained on image files (--dataset=list "
+                                "or folder); array datasets get their shifted sets built")
+    position = {os.path.normpath(p): i for i, p in enumerate(test.images.astype(str))}
+    subsets = {}
+    for name in distributions:
+        matches = [f for f in sorted(os.listdir(shift_list_dir)) if f.endswith(f"_{name}.txt")]
+        if not matches:
+            continue
+        path = os.path.join(shift_list_dir, matches[0])
+        split = lt_data.read_image_list(path, data_root)
+        lt_data.class_counts(split.labels, num_classes, f"{path}: label")
+        idx = [position.get(os.path.normpath(p)) for p in split.images]
+        missing = [p for p, i in zip(split.images, idx) if i is None]
+        if missing:
+            raise lt_data.DataError(f"{path} names {len(missing)} image(s) that are not in the run's test "
+                                    f"list, e.g. {missing[0]!r}: the shifted sets must be subsets of it")
+        if np.any(test.labels[idx] != split.labels):
+            raise lt_data.DataError(f"{path}: labels disagree with the run's test list for the same images")
+        subsets[name] = np.asarray(idx)
+    return subsets
+
+
+def evaluate_runs(config: EvalConfig, log=print) -> dict:
+    """Evaluate each run on every requested distribution and prior mode; write reports."""
+    runs = [r for r in config.run_dir.split(",") if r]
+    if not runs:
+        raise experiment.RunError("--run_dir is required: the output folder of a tools/train.py run")
+    distributions = DISTRIBUTIONS if config.distributions == "all" else \
+        tuple(d for d in config.distributions.split(",") if d)
+    for name in distributions:
+        parse_distribution(name)
+    modes = tuple(m for m in config.priors.split(",") if m)
+    unknown = sorted(set(modes) - set(PRIOR_MODES))
+    if unknown:
+        raise ValueError(f"unknown prior mode(s) {unknown}; choose from {PRIOR_MODES}")
+    output_dir = config.output_dir or os.path.join(runs[0], "evaluation")
+    results, details = {}, {}
+    for run_dir in runs:
+        model, record = load_run(run_dir)
+        run_config = _run_config(record, config)
+        data = experiment.load_data(run_config)
+        train_counts = record["data"]["train_counts"]
+        if data.num_classes != model.num_classes or data.train_counts().tolist() != train_counts:
+            raise lt_data.DataError(f"the data loaded now ({data.name}, {data.num_classes} classes) is not "
+                                    f"the data {run_dir} was trained on: check the data flags")
+        name = os.path.basename(os.path.normpath(run_dir))
+        log(f"{name}: predicting {len(data.test)} test images")
+        preds = predict(model, lt_data.test_pipeline(data, config.batch_size))
+        mean_lambda = float(np.mean(run_config.lambdas))
+        subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
+                               run_config.data_root)
+        results[name] = evaluate_predictions(preds, train_counts, mean_lambda, distributions, modes, subsets)
+        details[name] = {"lambdas": run_config.lambdas, "mean_lambda": mean_lambda,
+                         "experts": expert_report(preds, train_counts, run_config.lambdas)}
+        _write_diagrams(preds, run_dir, output_dir, name)
+    paths = write_reports(results, details, output_dir)
+    with open(paths["markdown"]) as f:
+        log(f.read())
+    log("reports: " + ", ".join(paths.values()))
+    return results
+
+
+def _write_diagrams(preds: Predictions, run_dir: str, output_dir: str, name: str):
+    """Balanced-test reliability diagram as PNG and in the run's TensorBoard."""
+    png = experiment.reliability_diagram_png(*reliability_bins(preds.labels, preds.logits), name)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"reliability_{name}.png"), "wb") as f:
+        f.write(png)
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard", "evaluation"))
+    with writer.as_default(step=0):
+        tf.summary.image("reliability_diagram/balanced_test", tf.image.decode_png(png)[None])
+    writer.flush()

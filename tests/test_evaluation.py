@@ -1,0 +1,141 @@
+import csv
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+
+from balpoe_tf import data as lt_data
+from balpoe_tf import evaluation, experiment
+
+CIFAR100_SIZES = {"forward50": 2486, "forward25": 2956, "forward10": 3876, "forward5": 4932,
+                  "forward2": 7166, "uniform": 10000}
+
+
+def test_shifted_set_sizes_cifar100():
+    labels = np.repeat(np.arange(100), 100)
+    train_counts = lt_data.long_tailed_counts(500, 100, 100)
+    for name, size in CIFAR100_SIZES.items():
+        for direction in ("forward", "backward"):
+            full = name.replace("forward", direction)
+            idx = evaluation.shifted_indices(labels, train_counts, full)
+            assert len(idx) == size, full
+    fwd = np.bincount(labels[evaluation.shifted_indices(labels, train_counts, "forward50")], minlength=100)
+    bwd = np.bincount(labels[evaluation.shifted_indices(labels, train_counts, "backward50")], minlength=100)
+    assert (fwd[0], fwd[-1], bwd[0], bwd[-1]) == (100, 2, 2, 100)
+
+
+def test_shift_follows_training_frequency_rank():
+    np.testing.assert_array_equal(evaluation.frequency_rank([5, 50, 20, 20]), [3, 0, 1, 2])
+    # n_max 10, ratio 4 over 3 classes: profile 10, 5, 2 by rank.
+    np.testing.assert_array_equal(evaluation.shifted_counts([5, 50, 20], 10, "forward4"), [2, 10, 5])
+    np.testing.assert_array_equal(evaluation.shifted_counts([5, 50, 20], 10, "backward4"), [10, 2, 5])
+    with pytest.raises(ValueError, match="unknown distribution 'sideways3'"):
+        evaluation.parse_distribution("sideways3")
+
+
+def test_shifted_indices_are_fixed_subsets():
+    labels = np.repeat(np.arange(4), 10)
+    a = evaluation.shifted_indices(labels, [40, 30, 20, 10], "forward5")
+    b = evaluation.shifted_indices(labels, [40, 30, 20, 10], "forward5")
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a.tolist())) == len(a)
+    np.testing.assert_array_equal(np.bincount(labels[a]), [10, 5, 3, 2])  # int(10 * 0.2^(k/3))
+
+
+def test_posthoc_adjustment_by_hand():
+    logits = np.zeros((1, 2))
+    np.testing.assert_allclose(evaluation.posthoc_adjust(logits, [0.75, 0.25], [3, 1]),
+                               [[math.log(0.75), math.log(0.25)]])
+    # A model that targets the training prior (mean lambda 1) first has it removed.
+    np.testing.assert_allclose(evaluation.posthoc_adjust(logits, [0.5, 0.5], [3, 1], mean_lambda=1.0),
+                               [[math.log(0.5 / 0.75), math.log(0.5 / 0.25)]])
+    clamped = evaluation.posthoc_adjust(logits, [1.0, 0.0], [3, 1])
+    assert np.all(np.isfinite(clamped)) and clamped[0, 1] == pytest.approx(math.log(evaluation.PRIOR_FLOOR))
+    with pytest.raises(ValueError, match="2 non-negative values"):
+        evaluation.posthoc_adjust(logits, [0.5, 0.25, 0.25], [3, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        evaluation.posthoc_adjust(logits, [1.5, -0.5], [3, 1])
+
+
+def test_em_recovers_a_known_prior():
+    # Calibrated posteriors: three unit Gaussians at -2, 0, 2, uniform training prior.
+    rng = np.random.RandomState(0)
+    true_prior = np.array([0.6, 0.3, 0.1])
+    labels = rng.choice(3, size=30000, p=true_prior)
+    x = rng.randn(len(labels)) + np.array([-2.0, 0.0, 2.0])[labels]
+    log_lik = -0.5 * (x[:, None] - np.array([-2.0, 0.0, 2.0])) ** 2
+    probs = np.exp(log_lik - log_lik.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    estimate = evaluation.estimate_prior_em(probs)
+    assert np.abs(estimate - true_prior).sum() < 0.03  # the stated tolerance (L1)
+    assert np.abs(probs.mean(0) - true_prior).sum() > 0.1  # the naive average is far off
+
+
+def test_brier_and_kl_by_hand():
+    assert evaluation.brier_score([0], [[0.75, 0.25]]) == pytest.approx(0.125)
+    assert evaluation.kl_divergence([0.5, 0.5], [0.25, 0.75]) == pytest.approx(
+        0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+    np.testing.assert_allclose(evaluation.model_prior([3, 1], 0.0), [0.5, 0.5])
+    np.testing.assert_allclose(evaluation.model_prior([3, 1], -1.0), [0.25, 0.75])
+
+
+def test_empty_class_in_shifted_set_is_reported_as_nan():
+    labels = np.repeat(np.arange(3), 2)
+    logits = np.eye(3)[labels] * 5.0
+    preds = evaluation.Predictions(labels, logits, logits[:, None, :])
+    out = evaluation.evaluate_predictions(preds, [200, 50, 5], 0.0, ["forward50", "uniform"])
+    assert out["forward50"]["counts"] == [2, 0, 0]
+    known = out["forward50"]["known"]
+    assert known["accuracy"] == 1.0 and known["size"] == 2
+    assert math.isnan(known["few_accuracy"]) and math.isnan(known["medium_accuracy"])
+    assert out["uniform"]["none"]["few_accuracy"] == 1.0
+
+
+def test_list_subsets(tmp_path):
+    paths = np.array([str(tmp_path / f"{i}.png") for i in range(4)])
+    test = lt_data.Split(paths, np.array([0, 0, 1, 1]))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "x_forward2.txt").write_text("0.png 0\n2.png 1\n3.png 1\n")
+    subsets = evaluation.list_subsets(str(lists), test, 2, ["forward2", "uniform"], str(tmp_path))
+    np.testing.assert_array_equal(subsets["forward2"], [0, 2, 3])
+    assert "uniform" not in subsets
+    (lists / "x_forward2.txt").write_text("0.png 5\n")
+    with pytest.raises(lt_data.DataError, match="label 5 is outside \\[0, 2\\)"):
+        evaluation.list_subsets(str(lists), test, 2, ["forward2"], str(tmp_path))
+    (lists / "x_forward2.txt").write_text("0.png 1\n")
+    with pytest.raises(lt_data.DataError, match="labels disagree"):
+        evaluation.list_subsets(str(lists), test, 2, ["forward2"], str(tmp_path))
+    (lists / "x_forward2.txt").write_text("9.png 1\n")
+    with pytest.raises(lt_data.DataError, match="not in the run's test list"):
+        evaluation.list_subsets(str(lists), test, 2, ["forward2"], str(tmp_path))
+
+
+def test_evaluate_a_trained_run_end_to_end(tmp_path):
+    run = tmp_path / "tiny"
+    config = experiment.RunConfig(output_dir=str(run), dataset="digits", imbalance_ratio=10,
+                                  augment="none", backbone="resnet8", epochs=1, batch_size=64,
+                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
+    experiment.train(config, log=lambda line: None)
+    logs = []
+    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run)), log=logs.append)
+    out = run / "evaluation"
+    for name in ("shifted_accuracy.md", "shifted_accuracy.csv", "evaluation.json", "reliability_tiny.png"):
+        assert (out / name).exists(), name
+    with open(out / "shifted_accuracy.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][:3] == ["method", "prior", "Forward 50"] and rows[0][-1] == "Backward 50"
+    assert [r[1] for r in rows[1:]] == ["no prior", "+ known test prior", "+ prior estimated by EM"]
+    assert set(results["tiny"]) == set(evaluation.DISTRIBUTIONS)
+    assert results["tiny"]["uniform"]["none"]["size"] == 400
+    assert glob.glob(str(run / "tensorboard" / "evaluation" / "events.*"))
+    assert any("Forward 50" in line for line in logs)
+
+    with pytest.raises(experiment.RunError, match="holds no trained model"):
+        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="unknown distribution"):
+        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), distributions="forward50,up"))
+    with pytest.raises(ValueError, match="unknown prior mode"):
+        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), priors="none,oracle"))

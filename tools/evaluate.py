@@ -1,0 +1,29 @@
+"""Evaluate trained runs on the balanced and shifted test sets, with test-time priors.
+
+    python tools/evaluate.py --run_dir=runs/cifar100_ir100[,runs/other,...] [--distributions=all]
+
+Writes shifted_accuracy.{md,csv}, evaluation.json and reliability diagrams to
+--output_dir (default RUN_DIR/evaluation); `--helpfull` lists every flag.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+from absl import app  # noqa: E402
+
+from balpoe_tf import cli, evaluation  # noqa: E402
+
+cli.define_flags(evaluation.EvalConfig)
+
+
+def main(argv):
+    cli.reject_positional(argv)
+    config = cli.config_from_flags(evaluation.EvalConfig)
+    return cli.run_reporting_errors(lambda: evaluation.evaluate_runs(config))
+
+
+if __name__ == "__main__":
+    app.run(main)
