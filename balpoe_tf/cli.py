@@ -11,6 +11,13 @@ from balpoe_tf.data import DataError
 FLAGS = flags.FLAGS
 
 
+def config_field(default, help_text):
+    """A config dataclass field with the help text of its flag."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help_text})
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 def define_flags(config_class, flag_values=FLAGS):
     """Define one absl flag per field of a config dataclass, with its default and help."""
     for field in dataclasses.fields(config_class):

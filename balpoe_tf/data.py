@@ -23,6 +23,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MANY_SHOT_MIN = 100  # many: n > 100
 FEW_SHOT_MAX = 20  # few: n < 20; medium: 20 <= n <= 100
 
+# A class absent from a target prior gets this probability instead of 0, so that a
+# post-hoc adjustment adds a large negative bias, never -inf.
+PRIOR_FLOOR = 1e-8
+
 # The images kept by long-tailed sampling depend on this seed only, never on the
 # run seed, as in the reference (LDAM-DRW) code.
 SAMPLING_SEED = 0
@@ -408,9 +412,9 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def _decode(path, image_shape):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=image_shape[-1],
-                               expand_animations=False)
+def decode_image(contents, image_shape):
+    """Encoded JPEG / PNG / GIF / BMP bytes to `image_shape` uint8 pixels (resized if needed)."""
+    image = tf.io.decode_image(contents, channels=image_shape[-1], expand_animations=False)
     image = tf.image.resize(image, image_shape[:2], antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
@@ -421,7 +425,7 @@ def _batches(split: Split, image_shape, order: tf.Tensor, batch_size: int) -> tf
     indices = tf.data.Dataset.from_tensor_slices(order)
     if split.is_files:
         paths = tf.constant(split.images)
-        ds = indices.map(lambda i: (_decode(paths[i], image_shape), labels[i]),
+        ds = indices.map(lambda i: (decode_image(tf.io.read_file(paths[i]), image_shape), labels[i]),
                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.batch(batch_size)
     images = tf.constant(split.images)
@@ -487,9 +491,10 @@ def _augment(images, seed, augment: str):
     raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
 
 
-def _normalizer(data: LabeledData):
-    mean = tf.constant(np.array(data.mean) * 255.0, tf.float32)
-    std = tf.constant(np.array(data.std) * 255.0, tf.float32)
+def normalizer(mean, std):
+    """The test-time transform: pixels in [0, 255] to `(x / 255 - mean) / std`."""
+    mean = tf.constant(np.array(mean) * 255.0, tf.float32)
+    std = tf.constant(np.array(std) * 255.0, tf.float32)
     return lambda images: (tf.cast(images, tf.float32) - mean) / std
 
 
@@ -516,7 +521,7 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
     if augment not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
     split, n = data.train, len(data.train)
-    normalize = _normalizer(data)
+    normalize = normalizer(data.mean, data.std)
 
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
@@ -537,7 +542,7 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
 def test_pipeline(data: LabeledData, batch_size: int, split: Optional[Split] = None) -> tf.data.Dataset:
     """Normalised batches of the test split (or of `split`), in order."""
     split = data.test if split is None else split
-    normalize = _normalizer(data)
+    normalize = normalizer(data.mean, data.std)
     order = tf.range(len(split), dtype=tf.int64)
     ds = _batches(split, data.image_shape, order, batch_size)
     ds = ds.map(lambda x, y: (normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)

@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
+from balpoe_tf.cli import config_field
 from balpoe_tf import experiment
 from balpoe_tf import metrics as lt_metrics
 
@@ -26,8 +27,7 @@ SHIFT_RATIOS = (50, 25, 10, 5, 2)
 DISTRIBUTIONS = tuple([f"forward{r}" for r in SHIFT_RATIOS] + ["uniform"]
                       + [f"backward{r}" for r in reversed(SHIFT_RATIOS)])
 PRIOR_MODES = ("none", "known", "estimated")
-# A class absent from a shifted set gets this prior instead of 0, so no logit is -inf.
-PRIOR_FLOOR = 1e-8
+PRIOR_FLOOR = lt_data.PRIOR_FLOOR
 
 
 def parse_distribution(name: str):
@@ -303,43 +303,25 @@ def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):
     return metric.count.numpy(), metric.confidence.numpy(), metric.hits.numpy()
 
 
-def load_run(run_dir: str):
-    """(model, saved run record) of a run folder made by tools/train.py."""
-    record_path = os.path.join(run_dir, "config.json")
-    model_path = os.path.join(run_dir, "model.keras")
-    if not os.path.isfile(model_path):
-        _, model_path = experiment.latest_checkpoint(run_dir)
-    if not os.path.isfile(record_path) or not model_path:
-        raise experiment.RunError(f"{run_dir} holds no trained model (model.keras or checkpoints/) with its "
-                       "config.json: pass the --output_dir of a tools/train.py run")
-    with open(record_path) as f:
-        record = json.load(f)
-    return keras.saving.load_model(model_path), record
-
-
 # ---------------------------------------------------------------------------------------
 # The evaluation command.
-
-
-def _field(default, help_text):
-    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass
 class EvalConfig:
     """Settings of tools/evaluate.py (each field is a flag)."""
 
-    run_dir: str = _field("", "Run folder(s) of tools/train.py, comma-separated; each is a table row group.")
-    distributions: str = _field("all", "'all' or comma-separated names: uniform, forwardR, backwardR.")
-    priors: str = _field(",".join(PRIOR_MODES), "Comma-separated test-time prior modes: none, known, estimated.")
-    output_dir: str = _field("", "Where the reports go (default: RUN_DIR/evaluation of the first run).")
-    batch_size: int = _field(256, "Prediction batch size.")
-    shift_list_dir: str = _field("", "Folder of standard shifted-set list files ('path label' lines) "
+    run_dir: str = config_field("", "Run folder(s) of tools/train.py, comma-separated; each is a table row group.")
+    distributions: str = config_field("all", "'all' or comma-separated names: uniform, forwardR, backwardR.")
+    priors: str = config_field(",".join(PRIOR_MODES), "Comma-separated test-time prior modes: none, known, estimated.")
+    output_dir: str = config_field("", "Where the reports go (default: RUN_DIR/evaluation of the first run).")
+    batch_size: int = config_field(256, "Prediction batch size.")
+    shift_list_dir: str = config_field("", "Folder of standard shifted-set list files ('path label' lines) "
                                      "named *_<distribution>.txt (e.g. ImageNet_LT_forward50.txt); "
                                      "without it the sets are built from the balanced test set.")
-    data_dir: str = _field("", "Override the run's --data_dir (TFDS data) on this machine.")
-    data_path: str = _field("", "Override the run's --data_path on this machine.")
-    data_root: str = _field("", "Override the run's --data_root on this machine.")
+    data_dir: str = config_field("", "Override the run's --data_dir (TFDS data) on this machine.")
+    data_path: str = config_field("", "Override the run's --data_path on this machine.")
+    data_root: str = config_field("", "Override the run's --data_root on this machine.")
 
 
 def _run_config(record: dict, config: EvalConfig) -> "experiment.RunConfig":
@@ -395,7 +377,7 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
     output_dir = config.output_dir or os.path.join(runs[0], "evaluation")
     results, details = {}, {}
     for run_dir in runs:
-        model, record = load_run(run_dir)
+        model, record = experiment.load_run(run_dir)
         run_config = _run_config(record, config)
         data = experiment.load_data(run_config)
         train_counts = record["data"]["train_counts"]

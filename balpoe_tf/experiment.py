@@ -21,66 +21,62 @@ import keras
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import losses, models, training
-
-
-def _field(default, help_text):
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help_text})
-    return dataclasses.field(default=default, metadata={"help": help_text})
+from balpoe_tf import export, losses, models, training
+from balpoe_tf.cli import config_field
 
 
 @dataclasses.dataclass
 class RunConfig:
     """Everything that defines a training run (each field is a flag of tools/train.py)."""
 
-    output_dir: str = _field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.")
+    output_dir: str = config_field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.")
     # Data.
-    dataset: str = _field("digits", f"Data source: one of {sorted(lt_data.DATASETS)}.")
-    data_dir: str = _field("", "TFDS data_dir holding prepared cifar10/cifar100.")
-    download: bool = _field(False, "Let TFDS download the dataset (needs internet).")
-    data_path: str = _field("", "The .npz file (--dataset=npz) or image folder (--dataset=folder).")
-    train_list: str = _field("", "'path label' list of training images (--dataset=list).")
-    test_list: str = _field("", "'path label' list of test images (--dataset=list).")
-    data_root: str = _field("", "Folder the list-file paths are relative to.")
-    num_classes: int = _field(0, "Number of classes for --dataset=list (0: largest label + 1).")
-    image_size: int = _field(32, "Side of the model input for image files.")
-    imbalance_ratio: float = _field(100.0, "Head/tail ratio of the long-tailed training split; "
+    dataset: str = config_field("digits", f"Data source: one of {sorted(lt_data.DATASETS)}.")
+    data_dir: str = config_field("", "TFDS data_dir holding prepared cifar10/cifar100.")
+    download: bool = config_field(False, "Let TFDS download the dataset (needs internet).")
+    data_path: str = config_field("", "The .npz file (--dataset=npz) or image folder (--dataset=folder).")
+    train_list: str = config_field("", "'path label' list of training images (--dataset=list).")
+    test_list: str = config_field("", "'path label' list of test images (--dataset=list).")
+    data_root: str = config_field("", "Folder the list-file paths are relative to.")
+    num_classes: int = config_field(0, "Number of classes for --dataset=list (0: largest label + 1).")
+    image_size: int = config_field(32, "Side of the model input for image files.")
+    imbalance_ratio: float = config_field(100.0, "Head/tail ratio of the long-tailed training split; "
                                            "0 keeps the source's own class counts.")
-    augment: str = _field("cifar", f"Training augmentation: one of {lt_data.AUGMENTATIONS}.")
+    augment: str = config_field("cifar", f"Training augmentation: one of {lt_data.AUGMENTATIONS}.")
     # Model.
-    backbone: str = _field("resnet32", f"Backbone: one of {sorted(models.BACKBONES)}.")
-    num_experts: int = _field(3, "Number of experts M.")
-    lambdas: List[float] = _field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).")
-    target_mean_lambda: float = _field(0.0, "Mean lambda the ensemble should have (0: balanced); "
+    backbone: str = config_field("resnet32", f"Backbone: one of {sorted(models.BACKBONES)}.")
+    num_experts: int = config_field(3, "Number of experts M.")
+    lambdas: List[float] = config_field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).")
+    target_mean_lambda: float = config_field(0.0, "Mean lambda the ensemble should have (0: balanced); "
                                             "a different mean of --lambdas warns.")
-    scale: float = _field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).")
+    scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).")
     # Optimisation.
-    epochs: int = _field(200, "Training epochs.")
-    batch_size: int = _field(128, "Global batch size.")
-    lr: float = _field(0.1, "Base learning rate.")
-    schedule: str = _field("step", "LR schedule, stepped per epoch: 'step' (warm-up, x gamma at "
+    epochs: int = config_field(200, "Training epochs.")
+    batch_size: int = config_field(128, "Global batch size.")
+    lr: float = config_field(0.1, "Base learning rate.")
+    schedule: str = config_field("step", "LR schedule, stepped per epoch: 'step' (warm-up, x gamma at "
                                     "--milestones) or 'cosine' (to 0 at --epochs).")
-    warmup_epochs: int = _field(5, "Linear warm-up epochs.")
-    milestones: List[int] = _field([160, 180], "Epochs (0-based) at which 'step' multiplies the LR by --gamma.")
-    gamma: float = _field(0.1, "LR decay factor of 'step'.")
-    weight_decay: float = _field(5e-4, "L2 weight decay (added to the gradient before momentum).")
-    momentum: float = _field(0.9, "SGD momentum.")
-    nesterov: bool = _field(True, "Nesterov momentum.")
-    mixup_alpha: float = _field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.")
-    seed: int = _field(1, "Seed of initialisation, shuffling, augmentation and mixup.")
-    deterministic: bool = _field(False, "Enable TensorFlow op determinism (same seed, same weights).")
-    jit_compile: bool = _field(False, "Compile the train step with XLA (slower on CPU; measured).")
+    warmup_epochs: int = config_field(5, "Linear warm-up epochs.")
+    milestones: List[int] = config_field([160, 180], "Epochs (0-based) at which 'step' multiplies the LR by --gamma.")
+    gamma: float = config_field(0.1, "LR decay factor of 'step'.")
+    weight_decay: float = config_field(5e-4, "L2 weight decay (added to the gradient before momentum).")
+    momentum: float = config_field(0.9, "SGD momentum.")
+    nesterov: bool = config_field(True, "Nesterov momentum.")
+    mixup_alpha: float = config_field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.")
+    seed: int = config_field(1, "Seed of initialisation, shuffling, augmentation and mixup.")
+    deterministic: bool = config_field(False, "Enable TensorFlow op determinism (same seed, same weights).")
+    jit_compile: bool = config_field(False, "Compile the train step with XLA (slower on CPU; measured).")
     # Run control.
-    eval_every: int = _field(10, "Evaluate on the test set every N epochs (and at the end).")
-    checkpoint_every: int = _field(10, "Save a checkpoint every N epochs (and at the end).")
-    compare: List[str] = _field([], "Baselines to train after this run with the same data and "
+    eval_every: int = config_field(10, "Evaluate on the test set every N epochs (and at the end).")
+    checkpoint_every: int = config_field(10, "Save a checkpoint every N epochs (and at the end).")
+    compare: List[str] = config_field([], "Baselines to train after this run with the same data and "
                                     "schedule, and to put in the result table: ce, bs, uniform, erm.")
-    dry_run: bool = _field(False, "Build data and model, run one training step and one test batch, exit.")
+    dry_run: bool = config_field(False, "Build data and model, run one training step and one test batch, exit.")
+    export: bool = config_field(True, "At the end, export a TF Serving SavedModel to RUN/export/<version>.")
 
 
 # Settings that do not change what a run computes, so a resumed run may differ in them.
-RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "data_dir",
+RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "data_dir",
                "download", "data_path", "train_list", "test_list", "data_root", "jit_compile")
 
 # Baselines in the same code: name -> overrides.
@@ -184,16 +180,31 @@ def check_run_folder(config: RunConfig):
                        f"(--flagfile={os.path.join(config.output_dir, 'flags.txt')}) to resume it")
 
 
+def load_run(run_dir: str):
+    """(model, saved run record) of a run folder made by tools/train.py."""
+    record_path = os.path.join(run_dir, "config.json")
+    model_path = os.path.join(run_dir, "model.keras")
+    if not os.path.isfile(model_path):
+        _, model_path = latest_checkpoint(run_dir)
+    if not os.path.isfile(record_path) or not model_path:
+        raise RunError(f"{run_dir} holds no trained model (model.keras or checkpoints/) with its "
+                       "config.json: pass the --output_dir of a tools/train.py run")
+    with open(record_path) as f:
+        record = json.load(f)
+    return keras.saving.load_model(model_path), record
+
+
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models.BalPoEModel,
-                     steps_per_epoch: int):
-    """flags.txt (re-runnable flag file) and config.json (settings, schedule, optimizer, data)."""
+                     steps_per_epoch: int) -> dict:
+    """Write flags.txt (a re-runnable flag file) and config.json (settings, schedule,
+    optimizer, data); returns the config.json record."""
     os.makedirs(config.output_dir, exist_ok=True)
     schedule = lr_schedule(model)
     record = {
         "config": dataclasses.asdict(config),
         "data": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
                  "test_size": len(data.test), "train_counts": data.train_counts().tolist(),
-                 "class_names": list(data.class_names),
+                 "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
                  "image_shape": list(data.image_shape)},
         "steps_per_epoch": steps_per_epoch,
         "lr_by_epoch": [float(schedule.epoch_lr(e)) for e in range(config.epochs)],
@@ -206,6 +217,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
         json.dump(record, f, indent=1, default=str)
     with open(os.path.join(config.output_dir, "flags.txt"), "w") as f:
         f.write(config_to_flags(config))
+    return record
 
 
 def config_to_flags(config: RunConfig) -> str:
@@ -395,7 +407,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
             f"test-batch accuracy {test_logs['accuracy']:.4f}")
         return {}
 
-    write_run_record(config, data, model, steps)
+    record = write_run_record(config, data, model, steps)
     results = {}
     if start_epoch < config.epochs:
         log_dir = os.path.join(config.output_dir, "tensorboard")
@@ -422,6 +434,9 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     with open(os.path.join(config.output_dir, "results.json"), "w") as f:
         json.dump({"epochs": config.epochs, "test": results}, f, indent=1)
     log(f"done: {config.output_dir}/model.keras, results.json")
+    if config.export:
+        path = export.export_run(model, record, os.path.join(config.output_dir, "export"))
+        log(f"SavedModel for TF Serving: {path}")
     return results
 
 

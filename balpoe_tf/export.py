@@ -1,0 +1,148 @@
+"""Export a trained ensemble as a SavedModel that TF Serving loads as it is.
+
+Layout: `<export_dir>/<version>/saved_model.pb` + `variables/`, versions 1, 2, ...
+Signatures (all return probabilities, logits, expert_logits, top_k_classes,
+top_k_scores, top_k_names):
+
+- `serving_default(images)`: encoded JPEG / PNG / GIF / BMP bytes, `[batch]` strings;
+  decoding, resizing and normalisation happen in the graph.
+- `predict_tensor(images)`: `[batch, H, W, C]` float32, already normalised.
+- `predict_with_prior(images, prior)`: bytes plus a target prior of C values; the post-hoc
+  adjustment `+ log p - lambda_bar * log pi_train` is applied in the graph.
+- `predict_with_log_prior(images, log_prior)`: the same with the prior's log.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+
+import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
+import keras
+import tensorflow as tf
+
+from balpoe_tf import data as lt_data
+from balpoe_tf.cli import config_field
+from balpoe_tf.data import PRIOR_FLOOR
+
+SIGNATURES = ("serving_default", "predict_tensor", "predict_with_prior", "predict_with_log_prior")
+
+
+def next_version(export_dir: str) -> int:
+    """One more than the largest integer version folder in `export_dir` (1 if none)."""
+    versions = [int(d) for d in os.listdir(export_dir) if d.isdigit()] if os.path.isdir(export_dir) else []
+    return max(versions, default=0) + 1
+
+
+def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: float, top_k: int = 5):
+    """The four serving functions of `model` (see the module docstring).
+
+    Args:
+        model: a `BalPoEModel`.
+        mean, std: per-channel normalisation of the training run.
+        class_names: one name per class.
+        train_counts: training images per class (the prior the model was trained on).
+        mean_lambda: the ensemble's mean lambda.
+        top_k: how many classes the top-k outputs hold (at most C).
+
+    Returns:
+        `{signature name: (function, input signature)}`.
+    """
+    shape = tuple(model.image_shape)
+    num_classes = model.num_classes
+    k = min(top_k, num_classes)
+    normalize = lt_data.normalizer(mean, std)
+    names = tf.constant([str(n) for n in class_names])
+    trained_log_prior = tf.constant(mean_lambda * np.log(lt_data.class_prior(train_counts)), tf.float32)
+
+    def outputs(logits, expert_logits):
+        probs = tf.nn.softmax(logits, axis=-1)
+        scores, ids = tf.math.top_k(probs, k)
+        return {"probabilities": probs, "logits": logits, "expert_logits": expert_logits,
+                "top_k_classes": ids, "top_k_scores": scores, "top_k_names": tf.gather(names, ids)}
+
+    def run(images, bias=None):
+        tf.debugging.assert_equal(tf.shape(images)[1:], shape,
+                                  message=f"images must be a [batch, {', '.join(map(str, shape))}] tensor")
+        out = model(images, training=False)
+        logits, experts = out["logits"], out["expert_logits"]
+        if bias is not None:
+            logits, experts = logits + bias, experts + bias
+        return outputs(logits, experts)
+
+    def decode(images):
+        pixels = tf.map_fn(lambda b: lt_data.decode_image(b, shape), images,
+                           fn_output_signature=tf.TensorSpec(shape, tf.uint8))
+        return normalize(pixels)
+
+    def check_length(prior):
+        return tf.debugging.assert_equal(tf.size(prior), num_classes,
+                                         message=f"the prior must have {num_classes} entries, one per class")
+
+    def log_prior_bias(log_prior):
+        checks = [check_length(log_prior),
+                  tf.debugging.assert_equal(tf.reduce_any(tf.math.is_nan(log_prior)), False,
+                                            message="log_prior must not be NaN")]
+        with tf.control_dependencies(checks):
+            return tf.maximum(log_prior, np.log(PRIOR_FLOOR)) - trained_log_prior
+
+    def with_prior(images, prior):
+        checks = [check_length(prior),
+                  tf.debugging.assert_non_negative(prior, message="prior must have no negative entries"),
+                  tf.debugging.assert_positive(tf.reduce_sum(prior), message="prior must have a positive sum")]
+        with tf.control_dependencies(checks):
+            p = prior / tf.reduce_sum(prior)
+        return run(decode(images), log_prior_bias(tf.math.log(tf.maximum(p, PRIOR_FLOOR))))
+
+    image_bytes = tf.TensorSpec([None], tf.string, name="images")
+    # The prior's length is checked in the graph: a declared [C] would let TensorFlow fold
+    # the check away and fail later with a shape error that names no input.
+    prior_spec = lambda name: tf.TensorSpec([None], tf.float32, name=name)  # noqa: E731
+    return {
+        "serving_default": (lambda images: run(decode(images)), [image_bytes]),
+        "predict_tensor": (run, [tf.TensorSpec((None,) + shape, tf.float32, name="images")]),
+        "predict_with_prior": (with_prior, [image_bytes, prior_spec("prior")]),
+        "predict_with_log_prior": (lambda images, log_prior: run(decode(images), log_prior_bias(log_prior)),
+                                   [image_bytes, prior_spec("log_prior")]),
+    }
+
+
+def export_saved_model(model, export_dir: str, mean, std, class_names, train_counts,
+                       mean_lambda: float, top_k: int = 5) -> str:
+    """Write the next version of `model` under `export_dir`; returns its folder."""
+    path = os.path.join(export_dir, str(next_version(export_dir)))
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name, (fn, signature) in serving_functions(model, mean, std, class_names, train_counts,
+                                                   mean_lambda, top_k).items():
+        archive.add_endpoint(name, fn, input_signature=signature)
+    archive.write_out(path, verbose=False)
+    return path
+
+
+def export_run(model, record: dict, export_dir: str, top_k: int = 5) -> str:
+    """Export a run from its model and run record (config.json of tools/train.py)."""
+    data = record["data"]
+    return export_saved_model(model, export_dir, data["mean"], data["std"], data["class_names"],
+                              data["train_counts"], float(np.mean(record["config"]["lambdas"])), top_k)
+
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Settings of tools/export.py (each field is a flag)."""
+
+    run_dir: str = config_field("", "Run folder of tools/train.py (its model.keras or last checkpoint).")
+    export_dir: str = config_field("", "Where the versions go (default RUN_DIR/export).")
+    top_k: int = config_field(5, "How many classes the top-k outputs hold.")
+
+
+def export_from_config(config: ExportConfig, log=print) -> str:
+    from balpoe_tf.experiment import RunError, load_run
+
+    if not config.run_dir:
+        raise RunError("--run_dir is required: the output folder of a tools/train.py run")
+    model, record = load_run(config.run_dir)
+    path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k)
+    log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)})")
+    return path

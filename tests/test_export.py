@@ -1,0 +1,158 @@
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from balpoe_tf import data as lt_data
+from balpoe_tf import evaluation, experiment, export
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained digits run; training ends with the automatic export."""
+    out = tmp_path_factory.mktemp("run")
+    config = experiment.RunConfig(output_dir=str(out), dataset="digits", imbalance_ratio=10,
+                                  augment="none", backbone="resnet8", epochs=1, batch_size=64,
+                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
+    experiment.train(config, log=lambda line: None)
+    model, record = experiment.load_run(str(out))
+    data = experiment.load_data(config)
+    return out, model, record, data
+
+
+def _png(image):
+    return tf.io.encode_png(image).numpy()
+
+
+def test_layout_and_versions(run, tmp_path):
+    out, model, record, _ = run
+    assert (out / "export" / "1" / "saved_model.pb").exists()
+    assert (out / "export" / "1" / "variables").is_dir()
+    assert (out / "model.keras").exists()  # the native Keras file stays
+    assert export.next_version(str(out / "export")) == 2
+    first = export.export_run(model, record, str(tmp_path))
+    second = export.export_run(model, record, str(tmp_path))
+    assert (os.path.basename(first), os.path.basename(second)) == ("1", "2")
+
+
+def test_signatures_match_the_keras_model(run):
+    out, model, record, data = run
+    loaded = tf.saved_model.load(str(out / "export" / "1"))
+    assert set(export.SIGNATURES) <= set(loaded.signatures)
+    pixels = data.test.images[:4]
+    images = lt_data.normalizer(data.mean, data.std)(pixels)
+    expected = model(images, training=False)
+    by_tensor = loaded.signatures["predict_tensor"](images=images)
+    by_bytes = loaded.signatures["serving_default"](images=tf.constant([_png(p) for p in pixels]))
+    for out_ in (by_tensor, by_bytes):
+        np.testing.assert_allclose(out_["logits"], expected["logits"], atol=1e-4)
+        np.testing.assert_allclose(out_["expert_logits"], expected["expert_logits"], atol=1e-4)
+        np.testing.assert_allclose(out_["probabilities"], tf.nn.softmax(expected["logits"]), atol=1e-5)
+        top = np.argsort(-expected["logits"].numpy(), axis=1)[:, :5]
+        np.testing.assert_array_equal(out_["top_k_classes"], top)
+        assert [n.decode() for n in out_["top_k_names"].numpy()[0]] == [data.class_names[c] for c in top[0]]
+
+
+def test_prior_signatures_apply_the_posthoc_adjustment(run):
+    out, model, record, data = run
+    loaded = tf.saved_model.load(str(out / "export" / "1"))
+    pixels = data.test.images[:3]
+    images = tf.constant([_png(p) for p in pixels])
+    prior = np.linspace(1.0, 0.0, 10).astype(np.float32)  # the last class absent
+    plain = loaded.signatures["serving_default"](images=images)["logits"].numpy()
+    expected = evaluation.posthoc_adjust(plain, prior, record["data"]["train_counts"], 0.0)
+    got = loaded.signatures["predict_with_prior"](images=images, prior=tf.constant(prior))["logits"]
+    # Equal up to a constant per row (softmax is shift-invariant): compare centred logits.
+    centre = lambda z: z - z.mean(axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(centre(got.numpy()), centre(expected), atol=1e-3)
+    by_log = loaded.signatures["predict_with_log_prior"](
+        images=images, log_prior=tf.constant(np.log(np.maximum(prior / prior.sum(), 1e-8)), tf.float32))
+    np.testing.assert_allclose(centre(by_log["logits"].numpy()), centre(expected), atol=1e-3)
+
+
+def test_bad_inputs_give_clear_errors_and_the_model_keeps_serving(run):
+    out, _, _, data = run
+    loaded = tf.saved_model.load(str(out / "export" / "1"))
+    good = tf.constant([_png(data.test.images[0])])
+    cases = [
+        ("serving_default", dict(images=tf.constant([b"not an image"])), "Unknown image file format"),
+        ("predict_tensor", dict(images=tf.zeros([1, 9, 8, 1])), "images must be a \\[batch, 8, 8, 1\\] tensor"),
+        ("predict_with_prior", dict(images=good, prior=tf.ones([3])), "prior must have 10 entries"),
+        ("predict_with_prior", dict(images=good, prior=tf.constant([-1.0] + [1.0] * 9)), "no negative entries"),
+    ]
+    for name, inputs, message in cases:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            loaded.signatures[name](**inputs)
+    assert loaded.signatures["serving_default"](images=good)["probabilities"].shape == (1, 10)
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    path, request_file = sys.argv[1], sys.argv[2]
+    loaded = tf.saved_model.load(path)
+    # What TF Serving's REST API does with a request body: "instances" (row format) or
+    # "inputs" (columnar), {"b64": ...} turned into bytes.
+    def tensor(value):
+        if isinstance(value, dict) and "b64" in value:
+            import base64
+            return base64.b64decode(value["b64"])
+        if isinstance(value, list):
+            return [tensor(v) for v in value]
+        return value
+    out = {}
+    for request in json.load(open(request_file)):
+        fn = loaded.signatures[request.get("signature_name", "serving_default")]
+        if "instances" in request:
+            inputs = {"images": tf.constant(tensor(request["instances"]))}
+        else:
+            inputs = {k: tf.constant(tensor(v)) for k, v in request["inputs"].items()}
+        result = fn(**inputs)
+        out[request.get("signature_name", "serving_default")] = {
+            k: v.numpy().tolist() for k, v in result.items() if v.dtype != tf.string}
+    assert not any(m.startswith("balpoe_tf") for m in sys.modules)
+    print(json.dumps(out))
+""")
+
+
+def test_rest_requests_in_a_process_without_balpoe_tf(run, tmp_path):
+    out, model, _, data = run
+    pixels = data.test.images[:2]
+    b64 = [{"b64": base64.b64encode(_png(p)).decode()} for p in pixels]
+    requests = [{"instances": b64},
+                {"signature_name": "predict_with_prior", "inputs": {"images": b64, "prior": [0.1] * 10}}]
+    request_file = tmp_path / "requests.json"
+    request_file.write_text(json.dumps(requests))
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(out / "export" / "1"), str(request_file)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = model(lt_data.normalizer(data.mean, data.std)(pixels), training=False)["logits"].numpy()
+    np.testing.assert_allclose(served["serving_default"]["logits"], expected, atol=1e-4)
+    assert np.array(served["predict_with_prior"]["probabilities"]).shape == (2, 10)
+
+
+def test_saved_model_cli_lists_the_signatures(run):
+    out = run[0]
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    command = [cli] if os.path.exists(cli) else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    result = subprocess.run(command + ["show", "--dir", str(out / "export" / "1"), "--all"],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in export.SIGNATURES:
+        assert f"signature_def['{name}']" in result.stdout
+    assert "dtype: DT_STRING" in result.stdout and "top_k_names" in result.stdout
+
+
+def test_export_tool_errors(tmp_path):
+    with pytest.raises(experiment.RunError, match="holds no trained model"):
+        export.export_from_config(export.ExportConfig(run_dir=str(tmp_path)))

@@ -1,0 +1,29 @@
+"""Export a trained run as a SavedModel for TF Serving.
+
+    python tools/export.py --run_dir=runs/cifar100_ir100 [--export_dir=serving/balpoe]
+
+Writes <export_dir>/<next version>/ with the signatures serving_default (image bytes),
+predict_tensor, predict_with_prior and predict_with_log_prior (see balpoe_tf.export).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+from absl import app  # noqa: E402
+
+from balpoe_tf import cli, export  # noqa: E402
+
+cli.define_flags(export.ExportConfig)
+
+
+def main(argv):
+    cli.reject_positional(argv)
+    config = cli.config_from_flags(export.ExportConfig)
+    return cli.run_reporting_errors(lambda: export.export_from_config(config))
+
+
+if __name__ == "__main__":
+    app.run(main)
