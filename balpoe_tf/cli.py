@@ -52,7 +52,7 @@ def config_from_flags(config_class, flag_values=FLAGS):
     return config_class(**values)
 
 
-def reject_positional(argv):
+def _reject_positional(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected argument(s) {argv[1:]}: every setting is a --flag "
                  "(see --helpfull)")
@@ -68,3 +68,17 @@ def run_reporting_errors(fn):
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_tool(config_class, fn):
+    """Define one flag per field of `config_class`; return the `main` for `absl.app.run`,
+    which fills the config from the flags and runs `fn(config)`, reporting bad input as
+    one line (exit 2)."""
+    define_flags(config_class)
+
+    def main(argv):
+        _reject_positional(argv)
+        config = config_from_flags(config_class)
+        return run_reporting_errors(lambda: fn(config))
+
+    return main

@@ -68,6 +68,13 @@ class CosineClassifier(layers.Layer):
         return {**super().get_config(), "num_classes": self.num_classes, "scale": self.scale}
 
 
+def _strided_shape(input_shape, stride, filters):
+    """NHWC shape after a stride-`stride` layer with `filters` output channels."""
+    b, h, w, _ = input_shape
+    size = lambda n: None if n is None else -(-n // stride)  # noqa: E731
+    return (b, size(h), size(w), filters)
+
+
 @keras.saving.register_keras_serializable("balpoe_tf")
 class PadShortcut(layers.Layer):
     """Option-A (parameter-free) shortcut: take every `stride`-th pixel, then zero-pad
@@ -85,9 +92,7 @@ class PadShortcut(layers.Layer):
         return ops.pad(x, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
 
     def compute_output_shape(self, input_shape):
-        b, h, w, _ = input_shape
-        size = lambda n: None if n is None else -(-n // self.stride)  # noqa: E731
-        return (b, size(h), size(w), self.filters)
+        return _strided_shape(input_shape, self.stride, self.filters)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride}
@@ -146,9 +151,7 @@ class BasicBlock(layers.Layer):
         return ops.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
 
     def compute_output_shape(self, input_shape):
-        b, h, w, _ = input_shape
-        size = lambda n: None if n is None else -(-n // self.stride)  # noqa: E731
-        return (b, size(h), size(w), self.filters)
+        return _strided_shape(input_shape, self.stride, self.filters)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride}

@@ -58,8 +58,38 @@ class SGDWithL2(keras.optimizers.Optimizer):
                 "nesterov": self.nesterov, "l2": self.l2}
 
 
+class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning rate that changes once per epoch, with an optional linear warm-up:
+    during the first `warmup_epochs` epochs the LR is scaled by (e + 1) / warmup_epochs.
+
+    Subclasses give `decayed_lr(epoch)`, the LR of a 0-based epoch without warm-up.
+    """
+
+    def __init__(self, base_lr, steps_per_epoch, warmup_epochs=0):
+        self.base_lr, self.steps_per_epoch = float(base_lr), int(steps_per_epoch)
+        self.warmup_epochs = int(warmup_epochs)
+
+    def decayed_lr(self, epoch):
+        raise NotImplementedError
+
+    def epoch_lr(self, epoch):
+        """LR of a 0-based epoch, as a tensor."""
+        epoch = tf.cast(epoch, tf.float32)
+        lr = self.decayed_lr(epoch)
+        if self.warmup_epochs > 0:
+            lr *= tf.minimum((epoch + 1.0) / self.warmup_epochs, 1.0)
+        return lr
+
+    def __call__(self, step):
+        return self.epoch_lr(tf.math.floordiv(tf.cast(step, tf.int64), self.steps_per_epoch))
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "steps_per_epoch": self.steps_per_epoch,
+                "warmup_epochs": self.warmup_epochs}
+
+
 @keras.saving.register_keras_serializable("balpoe_tf")
-class WarmupStepSchedule(keras.optimizers.schedules.LearningRateSchedule):
+class WarmupStepSchedule(EpochSchedule):
     """The reference "CustomLR", stepped once per epoch.
 
     For 0-based epoch e: factor = gamma^(number of milestones <= e); during warm-up
@@ -76,30 +106,19 @@ class WarmupStepSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, base_lr, steps_per_epoch, warmup_epochs=0, milestones=(), gamma=0.1):
-        self.base_lr, self.steps_per_epoch = float(base_lr), int(steps_per_epoch)
-        self.warmup_epochs, self.gamma = int(warmup_epochs), float(gamma)
-        self.milestones = [int(m) for m in milestones]
+        super().__init__(base_lr, steps_per_epoch, warmup_epochs)
+        self.milestones, self.gamma = [int(m) for m in milestones], float(gamma)
 
-    def epoch_lr(self, epoch):
-        """LR of a 0-based epoch, as a tensor."""
-        epoch = tf.cast(epoch, tf.float32)
+    def decayed_lr(self, epoch):
         decays = sum(tf.cast(epoch >= m, tf.float32) for m in self.milestones)
-        lr = self.base_lr * tf.pow(self.gamma, tf.cast(decays, tf.float32))
-        if self.warmup_epochs > 0:
-            lr *= tf.minimum((epoch + 1.0) / self.warmup_epochs, 1.0)
-        return lr
-
-    def __call__(self, step):
-        return self.epoch_lr(tf.math.floordiv(tf.cast(step, tf.int64), self.steps_per_epoch))
+        return self.base_lr * tf.pow(self.gamma, tf.cast(decays, tf.float32))
 
     def get_config(self):
-        return {"base_lr": self.base_lr, "steps_per_epoch": self.steps_per_epoch,
-                "warmup_epochs": self.warmup_epochs, "milestones": self.milestones,
-                "gamma": self.gamma}
+        return {**super().get_config(), "milestones": self.milestones, "gamma": self.gamma}
 
 
 @keras.saving.register_keras_serializable("balpoe_tf")
-class EpochCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
+class EpochCosineSchedule(EpochSchedule):
     """Cosine annealing to 0 over `epochs`, stepped once per epoch
     (PyTorch `CosineAnnealingLR(T_max=epochs, eta_min=0)`): lr = base * (1 + cos(pi e / T)) / 2.
 
@@ -111,22 +130,14 @@ class EpochCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, base_lr, steps_per_epoch, epochs, warmup_epochs=0):
-        self.base_lr, self.steps_per_epoch = float(base_lr), int(steps_per_epoch)
-        self.epochs, self.warmup_epochs = int(epochs), int(warmup_epochs)
+        super().__init__(base_lr, steps_per_epoch, warmup_epochs)
+        self.epochs = int(epochs)
 
-    def epoch_lr(self, epoch):
-        epoch = tf.cast(epoch, tf.float32)
-        lr = 0.5 * self.base_lr * (1.0 + tf.cos(math.pi * epoch / self.epochs))
-        if self.warmup_epochs > 0:
-            lr *= tf.minimum((epoch + 1.0) / self.warmup_epochs, 1.0)
-        return lr
-
-    def __call__(self, step):
-        return self.epoch_lr(tf.math.floordiv(tf.cast(step, tf.int64), self.steps_per_epoch))
+    def decayed_lr(self, epoch):
+        return 0.5 * self.base_lr * (1.0 + tf.cos(math.pi * epoch / self.epochs))
 
     def get_config(self):
-        return {"base_lr": self.base_lr, "steps_per_epoch": self.steps_per_epoch,
-                "epochs": self.epochs, "warmup_epochs": self.warmup_epochs}
+        return {**super().get_config(), "epochs": self.epochs}
 
 
 def _stateless_log_gamma(alpha, shape, seed, candidates=32):

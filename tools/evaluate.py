@@ -16,14 +16,6 @@ from absl import app  # noqa: E402
 
 from balpoe_tf import cli, evaluation  # noqa: E402
 
-cli.define_flags(evaluation.EvalConfig)
-
-
-def main(argv):
-    cli.reject_positional(argv)
-    config = cli.config_from_flags(evaluation.EvalConfig)
-    return cli.run_reporting_errors(lambda: evaluation.evaluate_runs(config))
-
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.run_tool(evaluation.EvalConfig, evaluation.evaluate_runs))

@@ -16,14 +16,6 @@ from absl import app  # noqa: E402
 
 from balpoe_tf import cli, export  # noqa: E402
 
-cli.define_flags(export.ExportConfig)
-
-
-def main(argv):
-    cli.reject_positional(argv)
-    config = cli.config_from_flags(export.ExportConfig)
-    return cli.run_reporting_errors(lambda: export.export_from_config(config))
-
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.run_tool(export.ExportConfig, export.export_from_config))

@@ -16,14 +16,6 @@ from absl import app  # noqa: E402
 
 from balpoe_tf import cli, experiment  # noqa: E402
 
-cli.define_flags(experiment.RunConfig)
-
-
-def main(argv):
-    cli.reject_positional(argv)
-    config = cli.config_from_flags(experiment.RunConfig)
-    return cli.run_reporting_errors(lambda: experiment.train_with_baselines(config))
-
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.run_tool(experiment.RunConfig, experiment.train_with_baselines))
