@@ -181,3 +181,30 @@ def test_mirrored_strategy_scales_loss_by_global_batch():
                             env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "replicas 2" in result.stdout
+
+
+@pytest.mark.parametrize("backbone,without_fc", [("resnet50", 23508032), ("resnext50", 22979904)])
+def test_imagenet_backbone_parameter_counts(backbone, without_fc):
+    # torchvision's resnet50 / resnext50_32x4d have these many parameters without the fc layer.
+    model = models.BalPoEModel(1000, 3, backbone, input_shape=(224, 224, 3))
+    trunk, expert = _trainable(model.trunk), _trainable(model.experts[0])
+    assert trunk + expert - 2048 * 1000 == without_fc
+    assert _trainable(model) == trunk + 3 * expert
+    assert model.trunk.compute_output_shape((None, 224, 224, 3)) == (None, 28, 28, 512)
+
+
+def test_bottleneck_projection_and_groups():
+    block = models.Bottleneck(8, stride=2, groups=4, base_width=16)  # inner width int(8 * 16 / 64) * 4 = 8
+    y = block(np.random.rand(2, 8, 8, 16).astype(np.float32))
+    assert y.shape == (2, 4, 4, 32) and block.projection
+    conv3x3 = [l for l in block.main if isinstance(l, keras.layers.Conv2D)][1]
+    assert conv3x3.groups == 4 and conv3x3.kernel.shape == (3, 3, 2, 8)  # 2 input channels per group
+    same = models.Bottleneck(8)
+    same.build((None, 8, 8, 32))
+    assert not same.projection  # identity shortcut when stride and width are unchanged
+
+
+def test_resnext_ensemble_runs_small_images():
+    model = models.BalPoEModel(5, 2, "resnext50", input_shape=(64, 64, 3))
+    out = model(np.random.rand(2, 64, 64, 3).astype(np.float32))
+    assert out["expert_logits"].shape == (2, 2, 5)
