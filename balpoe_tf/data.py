@@ -7,6 +7,7 @@ pipelines apply to all of them alike.
 
 import dataclasses
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -80,6 +81,9 @@ class LabeledData:
         image_shape: `(H, W, C)` of the model input.
         mean: per-channel mean of pixels scaled to [0, 1].
         std: per-channel standard deviation of pixels scaled to [0, 1].
+        test_crop: for image files, the test transform resizes the shorter side to
+            `size / test_crop` and crops the centre `size` (0.875: resize 256, crop
+            224); 0 resizes the whole image to `size`.
     """
 
     name: str
@@ -89,6 +93,7 @@ class LabeledData:
     image_shape: tuple
     mean: tuple
     std: tuple
+    test_crop: float = 0.0
 
     @property
     def num_classes(self) -> int:
@@ -373,7 +378,8 @@ def load_image_folder(root: str, image_size: int = 32) -> LabeledData:
 def read_image_list(list_file: str, root: str = "") -> Split:
     """A "relative/path label" list file (one image per line), paths joined to `root`."""
     if not os.path.isfile(list_file):
-        raise DataError(f"list file {list_file!r} does not exist")
+        raise DataError(f"list file {list_file!r} does not exist: pass --train_list / --test_list "
+                        "(and --data_root for the image paths in them)")
     paths, labels = [], []
     with open(list_file) as f:
         for lineno, line in enumerate(f, 1):
@@ -419,17 +425,109 @@ def decode_image(contents, image_shape):
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def _batches(split: Split, image_shape, order: tf.Tensor, batch_size: int) -> tf.data.Dataset:
-    """`(uint8 images, labels)` batches of `split` in the given order."""
+# Leading bytes of the formats decode_image reads.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
+
+
+def image_file_ok(contents) -> tf.Tensor:
+    """Whether encoded bytes start like a JPEG, PNG, GIF or BMP file."""
+    return tf.reduce_any([tf.strings.substr(contents, 0, len(m)) == m for m in _IMAGE_MAGIC])
+
+
+def resize_center_crop(image, size, fraction):
+    """Resize the shorter side to `size / fraction`, then crop the centre `size` x `size`."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = (size[0] / fraction) / tf.reduce_min(shape)
+    resized = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32), antialias=True)
+    return tf.image.resize_with_crop_or_pad(resized, size[0], size[1])
+
+
+def random_resized_crop(image, size, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random crop of `scale` of the area and `ratio` aspect, resized to `size`
+    (torchvision RandomResizedCrop; the whole image if no crop fits in 10 tries)."""
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return tf.image.resize(tf.slice(image, begin, extent), size)
+
+
+def color_jitter(image, seed, strength=0.4):
+    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s]
+    (torchvision ColorJitter(s, s, s, 0), in a fixed order), on pixels in [0, 255]."""
+    b, c, sat = tf.unstack(tf.random.stateless_uniform([3], seed, 1.0 - strength, 1.0 + strength))
+    image = tf.clip_by_value(image * b, 0, 255)
+    grey = tf.image.rgb_to_grayscale(image)
+    image = tf.clip_by_value((image - tf.reduce_mean(grey)) * c + tf.reduce_mean(grey), 0, 255)
+    grey = tf.image.rgb_to_grayscale(image)
+    return tf.clip_by_value((image - grey) * sat + grey, 0, 255)
+
+
+# Applied per image to full-size decoded files (ImageNet-LT / iNaturalist recipes).
+IMAGE_AUGMENTATIONS = ("imagenet", "inat")
+
+
+def _file_image(contents, data: LabeledData, augment: Optional[str], seed):
+    """A decoded, transformed image file: `image_shape` float pixels in [0, 255]."""
+    size = data.image_shape[:2]
+    if augment in IMAGE_AUGMENTATIONS:
+        image = tf.cast(tf.io.decode_image(contents, channels=data.image_shape[-1],
+                                           expand_animations=False), tf.float32)
+        s_crop, s_flip, s_jitter = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        image = tf.image.stateless_random_flip_left_right(random_resized_crop(image, size, s_crop), s_flip)
+        return color_jitter(image, s_jitter) if augment == "imagenet" else image
+    return test_transform(contents, data.image_shape, data.test_crop)
+
+
+def test_transform(contents, image_shape, test_crop: float = 0.0):
+    """Encoded image bytes to test-time pixels (float, [0, 255]) of `image_shape`: the
+    whole image resized, or with `test_crop` the shorter side resized to
+    `size / test_crop` and the centre cropped. The serving graph uses it too."""
+    if not test_crop:
+        return tf.cast(decode_image(contents, image_shape), tf.float32)
+    image = tf.io.decode_image(contents, channels=image_shape[-1], expand_animations=False)
+    cropped = resize_center_crop(tf.cast(image, tf.float32), image_shape[:2], test_crop)
+    return tf.round(tf.clip_by_value(cropped, 0, 255))
+
+
+def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int, augment=None,
+             seed=None, bad_images: str = "fail") -> tf.data.Dataset:
+    """`(images, labels)` batches of `split` in the given order. Image files are read,
+    checked (a file that is not an image fails with its path, or with
+    `bad_images="skip"` is reported and left out) and transformed one by one."""
     labels = tf.constant(split.labels, tf.int32)
     indices = tf.data.Dataset.from_tensor_slices(order)
-    if split.is_files:
-        paths = tf.constant(split.images)
-        ds = indices.map(lambda i: (decode_image(tf.io.read_file(paths[i]), image_shape), labels[i]),
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(batch_size)
-    images = tf.constant(split.images)
-    return indices.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    if not split.is_files:
+        images = tf.constant(split.images)
+        return indices.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    if bad_images not in ("fail", "skip"):
+        raise DataError(f"--bad_images must be 'fail' or 'skip', got {bad_images!r}")
+    paths = tf.constant(split.images)
+
+    def read(i):
+        contents = tf.io.read_file(paths[i])
+        ok = image_file_ok(contents)
+        if bad_images == "fail":
+            check = tf.debugging.Assert(ok, ["not a JPEG/PNG/GIF/BMP image (use --bad_images=skip to leave "
+                                             "such files out):", paths[i]])
+            with tf.control_dependencies([check]):
+                contents = tf.identity(contents)
+        return i, contents, ok
+
+    def report(i, contents, ok):
+        if not ok:
+            tf.print("skipping a file that is not an image:", paths[i], output_stream=sys.stderr)
+        return ok
+
+    ds = indices.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if bad_images == "skip":
+        ds = ds.filter(report)
+
+    def load(i, contents, ok):
+        example_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, i)
+        return _file_image(contents, data, augment, example_seed), labels[i]
+
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
 
 
 def cifar_augment(images: tf.Tensor, seed: tf.Tensor, pad: int = 4,
@@ -472,8 +570,10 @@ def cifar_augment(images: tf.Tensor, seed: tf.Tensor, pad: int = 4,
 
 
 # cifar: crop, flip, rotation (standard schedule); autoaugment: crop, flip and the
-# CIFAR-10 AutoAugment policy (long schedule); crop_flip; none.
-AUGMENTATIONS = ("cifar", "autoaugment", "crop_flip", "none")
+# CIFAR-10 AutoAugment policy (long schedule); crop_flip; none; and for image files
+# the per-image recipes: imagenet (random resized crop, flip, colour jitter 0.4) and
+# inat (random resized crop, flip).
+AUGMENTATIONS = ("cifar", "autoaugment", "crop_flip", "none") + IMAGE_AUGMENTATIONS
 
 
 def _augment(images, seed, augment: str):
@@ -486,7 +586,7 @@ def _augment(images, seed, augment: str):
 
         s_crop, s_policy = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
         return autoaugment_cifar(cifar_augment(images, s_crop, max_degrees=0.0), s_policy)
-    if augment == "none":
+    if augment == "none" or augment in IMAGE_AUGMENTATIONS:  # the latter are applied per image
         return tf.cast(images, tf.float32)
     raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
 
@@ -499,7 +599,7 @@ def normalizer(mean, std):
 
 
 def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 0,
-                   augment: str = "cifar", start_epoch: int = 0) -> tf.data.Dataset:
+                   augment: str = "cifar", start_epoch: int = 0, bad_images: str = "fail") -> tf.data.Dataset:
     """Shuffled, augmented, normalised training batches for epochs [start_epoch, epochs).
 
     Each epoch's order and augmentation come from stateless seeds derived from
@@ -513,6 +613,8 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
         seed: run seed.
         augment: one of `AUGMENTATIONS`.
         start_epoch: first epoch.
+        bad_images: for image files, "fail" on a file that is not an image (naming it)
+            or "skip" it with a message (the epoch then has fewer images).
 
     Returns:
         A dataset of `(images float32 (B, H, W, C), labels int32 (B,))`,
@@ -520,13 +622,16 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
     """
     if augment not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
+    if augment in IMAGE_AUGMENTATIONS and not data.train.is_files:
+        raise DataError(f"--augment={augment} crops full-size image files; {data.name} is arrays of "
+                        "small images: use cifar, autoaugment, crop_flip or none")
     split, n = data.train, len(data.train)
     normalize = normalizer(data.mean, data.std)
 
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
-        batches = _batches(split, data.image_shape, order, batch_size).enumerate()
+        batches = _batches(data, split, order, batch_size, augment, epoch_seed, bad_images).enumerate()
 
         def prepare(step, batch):
             images, labels = batch
@@ -539,12 +644,14 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def test_pipeline(data: LabeledData, batch_size: int, split: Optional[Split] = None) -> tf.data.Dataset:
-    """Normalised batches of the test split (or of `split`), in order."""
+def test_pipeline(data: LabeledData, batch_size: int, split: Optional[Split] = None,
+                  bad_images: str = "fail") -> tf.data.Dataset:
+    """Normalised batches of the test split (or of `split`), in order, with the test
+    transform (for image files: resize, or resize and centre crop with `test_crop`)."""
     split = data.test if split is None else split
     normalize = normalizer(data.mean, data.std)
     order = tf.range(len(split), dtype=tf.int64)
-    ds = _batches(split, data.image_shape, order, batch_size)
+    ds = _batches(data, split, order, batch_size, bad_images=bad_images)
     ds = ds.map(lambda x, y: (normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -568,13 +675,16 @@ def _required(options: dict, key: str, dataset: str):
     return options[key]
 
 
-def load_dataset(name: str, imbalance_ratio: Optional[float] = None, **options) -> LabeledData:
+def load_dataset(name: str, imbalance_ratio: Optional[float] = None, mean=None, std=None,
+                 test_crop: float = 0.0, **options) -> LabeledData:
     """Load a registered source and, if `imbalance_ratio` is given, make it long-tailed.
 
     Args:
         name: a key of `DATASETS`.
         imbalance_ratio: head-to-tail ratio of the training split; None keeps the
             source's own class counts (for data that is long-tailed already).
+        mean, std: per-channel normalisation overriding the source's (e.g. iNaturalist's).
+        test_crop: see `LabeledData.test_crop`.
         **options: data_dir, download, data_path, train_list, test_list, data_root,
             num_classes, image_size.
 
@@ -584,6 +694,14 @@ def load_dataset(name: str, imbalance_ratio: Optional[float] = None, **options) 
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     data = DATASETS[name](options)
+    if mean or std:
+        if len(mean or ()) != data.image_shape[-1] or len(std or ()) != data.image_shape[-1]:
+            raise DataError(f"--mean and --std need {data.image_shape[-1]} values each (one per channel)")
+        data = dataclasses.replace(data, mean=tuple(mean), std=tuple(std))
+    if test_crop:
+        if not 0 < test_crop <= 1:
+            raise DataError(f"--test_crop must be in (0, 1], got {test_crop} (0.875: resize 256, crop 224)")
+        data = dataclasses.replace(data, test_crop=float(test_crop))
     if imbalance_ratio is not None:
         data = make_long_tailed(data, imbalance_ratio)
     return data

@@ -43,6 +43,12 @@ class RunConfig:
     imbalance_ratio: float = config_field(100.0, "Head/tail ratio of the long-tailed training split; "
                                            "0 keeps the source's own class counts.")
     augment: str = config_field("cifar", f"Training augmentation: one of {lt_data.AUGMENTATIONS}.")
+    mean: List[float] = config_field([], "Per-channel normalisation mean in [0, 1] (default: the source's).")
+    std: List[float] = config_field([], "Per-channel normalisation std in [0, 1] (default: the source's).")
+    test_crop: float = config_field(0.0, "Image files: test resize to size/test_crop, centre crop (0.875); "
+                                         "0 resizes the whole image.")
+    bad_images: str = config_field("fail", "Image files that are not images: 'fail' naming the file, "
+                                           "or 'skip' them with a message.")
     # Model.
     backbone: str = config_field("resnet32", f"Backbone: one of {sorted(models.BACKBONES)}.")
     num_experts: int = config_field(3, "Number of experts M.")
@@ -50,6 +56,7 @@ class RunConfig:
     target_mean_lambda: float = config_field(0.0, "Mean lambda the ensemble should have (0: balanced); "
                                             "a different mean of --lambdas warns.")
     scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).")
+    precision: str = config_field("float32", "float32, mixed_float16 or mixed_bfloat16 (the loss stays float32).")
     # Optimisation.
     epochs: int = config_field(200, "Training epochs.")
     batch_size: int = config_field(128, "Global batch size.")
@@ -87,6 +94,8 @@ BASELINES = {
     "uniform": dict(lambdas=None),  # M experts, all lambda = 0
 }
 
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
 RESULT_COLUMNS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
 
 
@@ -110,7 +119,8 @@ def load_data(config: RunConfig) -> lt_data.LabeledData:
         config.dataset, imbalance_ratio=config.imbalance_ratio or None, data_dir=config.data_dir or None,
         download=config.download, data_path=config.data_path, train_list=config.train_list,
         test_list=config.test_list, data_root=config.data_root,
-        num_classes=config.num_classes or None, image_size=config.image_size)
+        num_classes=config.num_classes or None, image_size=config.image_size,
+        mean=config.mean or None, std=config.std or None, test_crop=config.test_crop)
 
 
 def make_schedule(config: RunConfig, steps_per_epoch: int):
@@ -128,6 +138,8 @@ def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: i
                                input_shape=data.image_shape)
     optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
                                    config.nesterov, config.weight_decay)
+    if config.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     loss = losses.LogitAdjustedLoss(data.train_counts(), config.lambdas, config.target_mean_lambda)
     model.compile(optimizer, loss, mixup_alpha=config.mixup_alpha, seed=config.seed,
                   jit_compile=config.jit_compile)
@@ -136,8 +148,11 @@ def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: i
 
 def lr_schedule(model):
     """The per-epoch schedule object behind the model's optimizer."""
+    optimizer = model.optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
     # Keras exposes only the current LR value publicly; the schedule is `_learning_rate`.
-    return model.optimizer._learning_rate
+    return optimizer._learning_rate
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,6 +220,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
         "data": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
                  "test_size": len(data.test), "train_counts": data.train_counts().tolist(),
                  "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
+                 "test_crop": data.test_crop,
                  "image_shape": list(data.image_shape)},
         "steps_per_epoch": steps_per_epoch,
         "lr_by_epoch": [float(schedule.epoch_lr(e)) for e in range(config.epochs)],
@@ -377,6 +393,9 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     """
     if not config.dry_run:
         check_run_folder(config)
+    if config.precision not in PRECISIONS:
+        raise RunError(f"unknown --precision {config.precision!r}; choose from {PRECISIONS}")
+    keras.mixed_precision.set_global_policy(config.precision)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
@@ -397,8 +416,8 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
         f"{models.count_params(model):,} parameters; {steps} steps/epoch")
 
     train_ds = lt_data.train_pipeline(data, config.batch_size, config.epochs, config.seed,
-                                      config.augment, start_epoch)
-    test_ds = lt_data.test_pipeline(data, max(config.batch_size, 256))
+                                      config.augment, start_epoch, config.bad_images)
+    test_ds = lt_data.test_pipeline(data, max(config.batch_size, 256), bad_images=config.bad_images)
     if config.dry_run:
         images, labels = next(iter(train_ds))
         logs = model.train_on_batch(images, labels, return_dict=True)

@@ -34,7 +34,8 @@ def next_version(export_dir: str) -> int:
     return max(versions, default=0) + 1
 
 
-def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: float, top_k: int = 5):
+def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: float, top_k: int = 5,
+                      test_crop: float = 0.0):
     """The four serving functions of `model` (see the module docstring).
 
     Args:
@@ -44,6 +45,7 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
         train_counts: training images per class (the prior the model was trained on).
         mean_lambda: the ensemble's mean lambda.
         top_k: how many classes the top-k outputs hold (at most C).
+        test_crop: the run's test-time centre-crop fraction (`LabeledData.test_crop`).
 
     Returns:
         `{signature name: (function, input signature)}`.
@@ -71,8 +73,8 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
         return outputs(logits, experts)
 
     def decode(images):
-        pixels = tf.map_fn(lambda b: lt_data.decode_image(b, shape), images,
-                           fn_output_signature=tf.TensorSpec(shape, tf.uint8))
+        pixels = tf.map_fn(lambda b: lt_data.test_transform(b, shape, test_crop), images,
+                           fn_output_signature=tf.TensorSpec(shape, tf.float32))
         return normalize(pixels)
 
     def check_length(prior):
@@ -108,13 +110,13 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
 
 
 def export_saved_model(model, export_dir: str, mean, std, class_names, train_counts,
-                       mean_lambda: float, top_k: int = 5) -> str:
+                       mean_lambda: float, top_k: int = 5, test_crop: float = 0.0) -> str:
     """Write the next version of `model` under `export_dir`; returns its folder."""
     path = os.path.join(export_dir, str(next_version(export_dir)))
     archive = keras.export.ExportArchive()
     archive.track(model)
     for name, (fn, signature) in serving_functions(model, mean, std, class_names, train_counts,
-                                                   mean_lambda, top_k).items():
+                                                   mean_lambda, top_k, test_crop).items():
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(path, verbose=False)
     return path
@@ -124,7 +126,8 @@ def export_run(model, record: dict, export_dir: str, top_k: int = 5) -> str:
     """Export a run from its model and run record (config.json of tools/train.py)."""
     data = record["data"]
     return export_saved_model(model, export_dir, data["mean"], data["std"], data["class_names"],
-                              data["train_counts"], float(np.mean(record["config"]["lambdas"])), top_k)
+                              data["train_counts"], float(np.mean(record["config"]["lambdas"])), top_k,
+                              data.get("test_crop", 0.0))
 
 
 

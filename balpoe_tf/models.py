@@ -60,8 +60,10 @@ class CosineClassifier(layers.Layer):
                                       initializer=UnitColumnUniform(), name="kernel")
 
     def call(self, features):
-        """Args: features `(B, D)`. Returns: logits `(B, C)`."""
-        w = _l2_normalize(ops.cast(self.kernel, features.dtype), axis=0)
+        """Args: features `(B, D)`. Returns: float32 logits `(B, C)`."""
+        # float32 even under mixed precision: a float16 sum of 2048 squares can overflow.
+        features = ops.cast(features, "float32")
+        w = _l2_normalize(ops.cast(self.kernel, "float32"), axis=0)
         return self.scale * ops.matmul(_l2_normalize(features, axis=-1), w)
 
     def get_config(self):

@@ -193,3 +193,60 @@ def test_cifar_augment_rotation_keeps_the_centre():
     image[0, 4, 4] = 1.0
     out = lt_data.cifar_augment(image, tf.constant([1, 2], tf.int64), pad=0, flip=False).numpy()
     assert out[0, 4, 4, 0] == 1.0 and out.sum() == 1.0
+
+
+def test_test_transform_resizes_and_centre_crops():
+    image = np.arange(64 * 128 * 3, dtype=np.uint8).reshape(64, 128, 3)  # h 64, w 128
+    png = tf.io.encode_png(image)
+    # Shorter side 64 = 32 / 0.5: no resize, then the centre 32 x 32.
+    out = lt_data.test_transform(png, (32, 32, 3), test_crop=0.5).numpy()
+    np.testing.assert_array_equal(out, image[16:48, 48:80])
+    assert lt_data.test_transform(png, (16, 16, 3)).shape == (16, 16, 3)  # whole image resized
+
+
+def test_random_resized_crop_and_colour_jitter():
+    image = tf.constant(np.random.RandomState(0).randint(0, 256, (50, 70, 3)), tf.float32)
+    crop = lt_data.random_resized_crop(image, (24, 24), tf.constant([1, 2], tf.int64))
+    assert crop.shape == (24, 24, 3)
+    jittered = lt_data.color_jitter(image, tf.constant([3, 4], tf.int64)).numpy()
+    assert jittered.min() >= 0 and jittered.max() <= 255 and not np.array_equal(jittered, image)
+    grey = tf.fill([4, 4, 3], 100.0)  # a grey image keeps its colour under saturation changes
+    out = lt_data.color_jitter(grey, tf.constant([5, 6], tf.int64)).numpy()
+    np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-3)
+
+
+def _list_with_a_bad_file(tmp_path):
+    (tmp_path / "ok").mkdir()
+    for i in range(3):
+        tf.io.write_file(str(tmp_path / "ok" / f"{i}.jpg"), tf.io.encode_jpeg(np.full((20, 20, 3), 50 * i, np.uint8)))
+    (tmp_path / "ok" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    lines = "ok/0.jpg 0\nok/1.jpg 1\nok/broken.jpg 0\nok/2.jpg 1\n"
+    (tmp_path / "list.txt").write_text(lines)
+    return lt_data.load_image_list(str(tmp_path / "list.txt"), str(tmp_path / "list.txt"), str(tmp_path),
+                                   image_size=16)
+
+
+def test_bad_image_fails_with_its_path_or_is_skipped(tmp_path, capfd):
+    data = _list_with_a_bad_file(tmp_path)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG/PNG/GIF/BMP image.*broken.jpg"):
+        list(lt_data.test_pipeline(data, 4))
+    batches = list(lt_data.test_pipeline(data, 4, bad_images="skip"))
+    assert sum(len(b[1]) for b in batches) == 3
+    assert "broken.jpg" in capfd.readouterr().err
+    with pytest.raises(lt_data.DataError, match="--bad_images must be 'fail' or 'skip'"):
+        lt_data.test_pipeline(data, 4, bad_images="ignore")
+
+
+def test_image_file_augmentations():
+    data = synthetic_data()
+    with pytest.raises(lt_data.DataError, match="--augment=imagenet crops full-size image files"):
+        lt_data.train_pipeline(data, 4, 1, augment="imagenet")
+
+
+def test_normalisation_and_test_crop_overrides():
+    data = lt_data.load_dataset("digits", mean=[0.5], std=[0.25])
+    assert data.mean == (0.5,) and data.std == (0.25,)
+    with pytest.raises(lt_data.DataError, match="need 1 values each"):
+        lt_data.load_dataset("digits", mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
+    with pytest.raises(lt_data.DataError, match="--test_crop must be in \\(0, 1\\]"):
+        lt_data.load_dataset("digits", test_crop=1.5)

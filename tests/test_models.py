@@ -208,3 +208,23 @@ def test_resnext_ensemble_runs_small_images():
     model = models.BalPoEModel(5, 2, "resnext50", input_shape=(64, 64, 3))
     out = model(np.random.rand(2, 64, 64, 3).astype(np.float32))
     assert out["expert_logits"].shape == (2, 2, 5)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_the_loss_in_float32(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        data = synthetic_data()
+        model = models.BalPoEModel(data.num_classes, 2, "resnet8", input_shape=data.image_shape)
+        optimizer = training.SGDWithL2(0.05)
+        if policy == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer, losses.LogitAdjustedLoss(data.train_counts(), [1, -1]), mixup_alpha=0.4)
+        x = (data.train.images[:8].astype(np.float32) - 128) / 64
+        out = model(x)
+        assert out["logits"].dtype == "float32" and out["expert_logits"].dtype == "float32"
+        assert model.trunk.stem.compute_dtype == policy.split("_")[1]
+        logs = model.train_on_batch(x, data.train.labels[:8], return_dict=True)
+        assert np.isfinite(logs["loss"])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
