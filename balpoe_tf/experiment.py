@@ -57,6 +57,9 @@ class RunConfig:
                                             "a different mean of --lambdas warns.")
     scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).")
     precision: str = config_field("float32", "float32, mixed_float16 or mixed_bfloat16 (the loss stays float32).")
+    strategy: str = config_field("auto", "tf.distribute strategy: auto (MirroredStrategy over all GPUs "
+                                         "when there are several), mirrored, multi_worker (from TF_CONFIG) or none.")
+    sync_bn: bool = config_field(False, "Synchronise batch-norm statistics across replicas.")
     # Optimisation.
     epochs: int = config_field(200, "Training epochs.")
     batch_size: int = config_field(128, "Global batch size.")
@@ -135,7 +138,7 @@ def make_schedule(config: RunConfig, steps_per_epoch: int):
 def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: int) -> models.BalPoEModel:
     """A compiled BalPoE model for `config` (call inside the strategy scope)."""
     model = models.BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
-                               input_shape=data.image_shape)
+                               input_shape=data.image_shape, sync_bn=config.sync_bn)
     optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
                                    config.nesterov, config.weight_decay)
     if config.precision == "mixed_float16":
@@ -367,9 +370,38 @@ class BalPoETensorBoard(keras.callbacks.Callback):
 # Training.
 
 
-def _strategy():
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+STRATEGIES = ("auto", "mirrored", "multi_worker", "none")
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy named by --strategy."""
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "none"
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise RunError("--strategy=multi_worker reads the cluster from the TF_CONFIG environment "
+                           "variable, which is not set")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "none":
+        return tf.distribute.get_strategy()
+    raise RunError(f"unknown --strategy {name!r}; choose from {STRATEGIES}")
+
+
+def _worker_config(config: RunConfig, strategy) -> RunConfig:
+    """Under MultiWorkerMirroredStrategy every worker trains and saves (saving reads
+    variables collectively), but only the chief writes to --output_dir; worker i uses
+    --output_dir/worker<i>."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return config
+    chief = resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
+    if chief:
+        return config
+    return dataclasses.replace(config, output_dir=os.path.join(config.output_dir, f"worker{resolver.task_id}"),
+                               compare=[])
 
 
 def _hparams(config: RunConfig) -> dict:
@@ -391,6 +423,8 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     Returns:
         Final test metrics (empty for a dry run).
     """
+    strategy = make_strategy(config.strategy)  # first: collectives must precede other TF work
+    config = _worker_config(config, strategy)
     if not config.dry_run:
         check_run_folder(config)
     if config.precision not in PRECISIONS:
@@ -405,7 +439,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
         f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
 
     start_epoch, checkpoint = (0, None) if config.dry_run else latest_checkpoint(config.output_dir)
-    with _strategy().scope():
+    with strategy.scope():
         if checkpoint:
             model = keras.saving.load_model(checkpoint)
             log(f"resuming from {checkpoint} (epoch {start_epoch})")

@@ -466,10 +466,12 @@ class BalPoEModel(keras.Model):
         backbone: a key of `BACKBONES`.
         scale: cosine-classifier scale.
         input_shape: `(H, W, C)` of the images; the model is built for it.
+        sync_bn: under tf.distribute, compute batch-norm statistics over the global
+            batch (synchronised) instead of each replica's share.
     """
 
     def __init__(self, num_classes, num_experts=3, backbone="resnet32", scale=30.0,
-                 input_shape=(32, 32, 3), **kwargs):
+                 input_shape=(32, 32, 3), sync_bn=False, **kwargs):
         super().__init__(**kwargs)
         if int(num_experts) < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts}")
@@ -477,7 +479,7 @@ class BalPoEModel(keras.Model):
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
         self.num_classes, self.num_experts = int(num_classes), int(num_experts)
         self.backbone, self.scale = backbone, float(scale)
-        self.image_shape = tuple(input_shape)
+        self.image_shape, self.sync_bn = tuple(input_shape), bool(sync_bn)
         self.trunk, self.experts = BACKBONES[backbone](self.num_classes, self.num_experts, self.scale)
         # Metrics are state, which Keras wants created before the model is built;
         # `compile` gives the group metric its training counts.
@@ -495,6 +497,11 @@ class BalPoEModel(keras.Model):
         shape = self.trunk.compute_output_shape(input_shape)
         for expert in self.experts:
             expert.build(shape)
+        # Keras reads `synchronized` at call time; set here, after the layers that create
+        # batch norms in build() (the bottleneck projections) have done so.
+        for layer in self._flatten_layers():
+            if isinstance(layer, layers.BatchNormalization):
+                layer.synchronized = self.sync_bn
         self.built = True
 
     def call(self, images, training=None):
@@ -526,6 +533,14 @@ class BalPoEModel(keras.Model):
         self.mixup_alpha, self.mixup_seed = float(mixup_alpha), int(seed)
         self.groups.train_counts = loss.class_counts
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds a model's state by averaging a sample batch across replicas, an
+        # eager collective that fails under MultiWorkerMirroredStrategy. This model is
+        # built in __init__ and compile() makes the metrics, so only the optimizer is left.
+        if self.optimizer is not None:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.trainable_variables)
+
     def get_compile_config(self):
         return {"optimizer": keras.saving.serialize_keras_object(self.optimizer),
                 "loss": keras.saving.serialize_keras_object(self.balpoe_loss),
@@ -548,6 +563,9 @@ class BalPoEModel(keras.Model):
         for metric in metrics:
             result = metric.result()
             out.update(result if isinstance(result, dict) else {metric.name: result})
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras averages step outputs across workers along axis 0, which a scalar lacks.
+            out = {k: tf.reshape(v, [1]) for k, v in out.items()}
         return out
 
     def train_step(self, data):
@@ -593,7 +611,8 @@ class BalPoEModel(keras.Model):
 
     def get_config(self):
         return {"name": self.name, "num_classes": self.num_classes, "num_experts": self.num_experts,
-                "backbone": self.backbone, "scale": self.scale, "input_shape": self.image_shape}
+                "backbone": self.backbone, "scale": self.scale, "input_shape": self.image_shape,
+                "sync_bn": self.sync_bn}
 
 
 def count_params(layer) -> int:

@@ -247,3 +247,42 @@ def test_incompatible_run_folder_is_refused(tmp_path):
     os.remove(tmp_path / "config.json")
     with pytest.raises(experiment.RunError, match="no config.json"):
         experiment.check_run_folder(config)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_on_loopback_agree_on_the_weights(tmp_path):
+    ports = [_free_port(), _free_port()]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(tf_config))
+        procs.append(subprocess.Popen(
+            [sys.executable, "tools/train.py", *TINY, "--epochs=2", "--strategy=multi_worker", "--sync_bn",
+             "--noexport",
+             f"--output_dir={tmp_path}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    # The chief writes the run folder; worker 1 its own sub-folder. With synchronised BN
+    # even the moving statistics agree (per-replica BN keeps each worker's own).
+    _, chief = _weights(tmp_path / "model.keras")
+    _, worker = _weights(tmp_path / "worker1" / "model.keras")
+    for a, b in zip(chief, worker):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 2
+
+
+def test_strategy_errors(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(experiment.RunError, match="TF_CONFIG"):
+        experiment.make_strategy("multi_worker")
+    with pytest.raises(experiment.RunError, match="unknown --strategy 'tpu'"):
+        experiment.make_strategy("tpu")

@@ -135,6 +135,7 @@ def test_training_decreases_the_loss_and_evaluates():
 
 
 DISTRIBUTED = textwrap.dedent("""
+    import sys
     import numpy as np
     import balpoe_tf
     import keras, tensorflow as tf
@@ -142,42 +143,51 @@ DISTRIBUTED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from balpoe_tf import losses, models, training
 
+    sync_bn = sys.argv[1] == "sync"
     counts, x = [4, 3, 2], np.random.RandomState(0).randn(8, 8, 8, 3).astype("float32")
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
     def build():
         keras.utils.set_random_seed(1)
-        model = models.BalPoEModel(3, 2, "resnet8", input_shape=(8, 8, 3))
+        model = models.BalPoEModel(3, 2, "resnet8", input_shape=(8, 8, 3), sync_bn=sync_bn)
         model.compile(training.SGDWithL2(1.0, momentum=0.0, l2=0.0),
                       losses.LogitAdjustedLoss(counts, [1, -1]), mixup_alpha=0.0)
         return model
 
+    def grads_and_loss(model, part):
+        with tf.GradientTape() as tape:
+            out = model(x[part], training=True)
+            loss = tf.reduce_mean(model.balpoe_loss.call(y[part], out["expert_logits"]))
+        return tape.gradient(loss, model.trainable_weights), float(loss)
+
     reference = build()
     start = [w.numpy() for w in reference.trainable_weights]
-    # What the mean over the global batch asks for: the average of the two replicas'
-    # half-batch gradients (each replica's BN sees its own half).
-    grads = []
-    for half in (slice(0, 4), slice(4, 8)):
-        with tf.GradientTape() as tape:
-            out = reference(x[half], training=True)
-            loss = tf.reduce_mean(reference.balpoe_loss.call(y[half], out["expert_logits"]))
-        grads.append(tape.gradient(loss, reference.trainable_weights))
-    expected = [w - (a + b).numpy() / 2 for w, a, b in zip(start, *grads)]
+    if sync_bn:
+        # Synchronised BN: exactly one device on the global batch.
+        grads, loss = grads_and_loss(reference, slice(0, 8))
+        expected = [w - g.numpy() for w, g in zip(start, grads)]
+    else:
+        # Per-replica BN: the average of the two replicas' half-batch gradients.
+        (ga, la), (gb, lb) = grads_and_loss(reference, slice(0, 4)), grads_and_loss(reference, slice(4, 8))
+        expected = [w - (a + b).numpy() / 2 for w, a, b in zip(start, ga, gb)]
+        loss = (la + lb) / 2
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model = build()
     for w, s in zip(model.trainable_weights, start):
         w.assign(s)
-    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=1, verbose=0)
+    logs = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=1, verbose=0).history
     err = max(float(np.max(np.abs(w.numpy() - e))) for w, e in zip(model.trainable_weights, expected))
-    print("replicas", strategy.num_replicas_in_sync, "max_error", err)
+    print("replicas", strategy.num_replicas_in_sync, "max_error", err, "loss", logs["loss"][0], loss)
     assert strategy.num_replicas_in_sync == 2 and err < 1e-4, err
+    assert abs(logs["loss"][0] - loss) < 1e-4, (logs["loss"][0], loss)
 """)
 
 
-def test_mirrored_strategy_scales_loss_by_global_batch():
+@pytest.mark.parametrize("bn", ["per_replica", "sync"])
+def test_mirrored_strategy_matches_one_device(bn):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", DISTRIBUTED], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", DISTRIBUTED, bn], capture_output=True, text=True,
                             env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "replicas 2" in result.stdout
