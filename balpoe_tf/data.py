@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
+import keras
 import tensorflow as tf
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -463,11 +464,18 @@ def color_jitter(image, seed, strength=0.4):
     return tf.clip_by_value((image - grey) * sat + grey, 0, 255)
 
 
-# Applied per image to full-size decoded files (ImageNet-LT / iNaturalist recipes).
-IMAGE_AUGMENTATIONS = ("imagenet", "inat")
+# Applied per image to full-size decoded files (ImageNet-LT / iNaturalist recipes);
+# randaugment is the long schedule's: imagenet's, then RandAugment.
+IMAGE_AUGMENTATIONS = ("imagenet", "inat", "randaugment")
 
 
-def _file_image(contents, data: LabeledData, augment: Optional[str], seed):
+def _rand_augment():
+    # Keras' own RandAugment (2 operations per image, full strength, the counterpart of
+    # timm's rand-n2-m10 that the reference uses): keras-cv's needs a heavy extra package.
+    return keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=1.0)
+
+
+def _file_image(contents, data: LabeledData, augment: Optional[str], seed, rand_augment=None):
     """A decoded, transformed image file: `image_shape` float pixels in [0, 255]."""
     size = data.image_shape[:2]
     if augment in IMAGE_AUGMENTATIONS:
@@ -475,7 +483,11 @@ def _file_image(contents, data: LabeledData, augment: Optional[str], seed):
                                            expand_animations=False), tf.float32)
         s_crop, s_flip, s_jitter = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         image = tf.image.stateless_random_flip_left_right(random_resized_crop(image, size, s_crop), s_flip)
-        return color_jitter(image, s_jitter) if augment == "imagenet" else image
+        image = tf.ensure_shape(image, data.image_shape)  # the crop's dynamic slice loses the shape
+        if augment == "inat":
+            return image
+        image = color_jitter(image, s_jitter)
+        return rand_augment(image) if rand_augment is not None else image
     return test_transform(contents, data.image_shape, data.test_crop)
 
 
@@ -491,7 +503,7 @@ def test_transform(contents, image_shape, test_crop: float = 0.0):
 
 
 def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int, augment=None,
-             seed=None, bad_images: str = "fail") -> tf.data.Dataset:
+             seed=None, bad_images: str = "fail", rand_augment=None) -> tf.data.Dataset:
     """`(images, labels)` batches of `split` in the given order. Image files are read,
     checked (a file that is not an image fails with its path, or with
     `bad_images="skip"` is reported and left out) and transformed one by one."""
@@ -525,7 +537,7 @@ def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int,
 
     def load(i, contents, ok):
         example_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, i)
-        return _file_image(contents, data, augment, example_seed), labels[i]
+        return _file_image(contents, data, augment, example_seed, rand_augment), labels[i]
 
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
 
@@ -571,8 +583,8 @@ def cifar_augment(images: tf.Tensor, seed: tf.Tensor, pad: int = 4,
 
 # cifar: crop, flip, rotation (standard schedule); autoaugment: crop, flip and the
 # CIFAR-10 AutoAugment policy (long schedule); crop_flip; none; and for image files
-# the per-image recipes: imagenet (random resized crop, flip, colour jitter 0.4) and
-# inat (random resized crop, flip).
+# the per-image recipes: imagenet (random resized crop, flip, colour jitter 0.4),
+# inat (random resized crop, flip) and randaugment (imagenet's, then RandAugment).
 AUGMENTATIONS = ("cifar", "autoaugment", "crop_flip", "none") + IMAGE_AUGMENTATIONS
 
 
@@ -627,11 +639,14 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
                         "small images: use cifar, autoaugment, crop_flip or none")
     split, n = data.train, len(data.train)
     normalize = normalizer(data.mean, data.std)
+    # A Keras layer holds a seed variable, so it is made here, outside the traced epochs.
+    rand_augment = _rand_augment() if augment == "randaugment" else None
 
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
-        batches = _batches(data, split, order, batch_size, augment, epoch_seed, bad_images).enumerate()
+        batches = _batches(data, split, order, batch_size, augment, epoch_seed, bad_images,
+                           rand_augment).enumerate()
 
         def prepare(step, batch):
             images, labels = batch

@@ -69,7 +69,8 @@ def test_config_files_cover_the_paper():
     for baseline in ("ce", "bs", "erm", "uniform"):
         assert f"cifar100_ir100_{baseline}" in names
     assert "demo" in names
-    assert {"imagenet_lt", "imagenet_lt_r50", "inat2018"} <= names
+    for name in ("imagenet_lt", "imagenet_lt_r50", "inat2018"):
+        assert {name, f"{name}_long"} <= names
 
 
 def _jpeg_lists(root, num_classes=3, per_class=2):
@@ -91,6 +92,10 @@ def test_large_scale_configs_build_data_and_model(group, tmp_path):
     (path, *others) = CONFIG_GROUPS[group]
     full = parse(f"--flagfile={path}")
     assert full.image_size == 224 and full.test_crop == 0.875 and full.schedule == "cosine"
+    for other in [path, *others]:
+        if other.endswith("_long.flags"):
+            long = parse(f"--flagfile={other}")
+            assert (long.epochs, long.augment, long.schedule) == (400, "randaugment", "cosine")
     assert full.backbone in ("resnet50", "resnext50") and len(full.lambdas) == full.num_experts == 3
     c = full.num_classes
     one_per_class = lt_data.Split(np.array(["unused.jpg"] * c), np.arange(c))
