@@ -410,6 +410,50 @@ def load_image_list(train_list: str, test_list: str, root: str = "",
                        (image_size, image_size, 3), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def extract_from_tfds(list_files: Sequence[str], root: str, tfds_name: str = "imagenet2012",
+                      data_dir: Optional[str] = None, splits=("train", "validation")) -> int:
+    """Write the images that list files name from a prepared TFDS dataset to `root`.
+
+    ImageNet-LT's lists name ILSVRC-2012 files (`train/n01440764/n01440764_10026.JPEG`);
+    TFDS' `imagenet2012` (prepared once from the manually downloaded archives) keeps each
+    image's `file_name`. Images are matched by file name, their encoded bytes written to
+    `root/<listed path>` without re-encoding; files already there are kept.
+
+    Returns:
+        The number of images written.
+    """
+    import tensorflow_datasets as tfds
+
+    wanted = {}
+    for list_file in list_files:
+        for path in read_image_list(list_file).images:
+            if not os.path.isfile(os.path.join(root, path)):
+                wanted[os.path.basename(path)] = path
+    if not wanted:
+        return 0
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        datasets = [builder.as_dataset(split=s, decoders={"image": tfds.decode.SkipDecoding()}) for s in splits]
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
+        raise DataError(
+            f"TFDS dataset {tfds_name!r} is not prepared in {data_dir or '~/tensorflow_datasets'} "
+            f"({e.__class__.__name__}): put the ILSVRC-2012 archives in DATA_DIR/downloads/manual, run "
+            f"`tfds build {tfds_name} --data_dir=DATA_DIR` once, and pass --data_dir=DATA_DIR") from e
+    written = 0
+    for ds in datasets:
+        for example in ds.as_numpy_iterator():
+            path = wanted.pop(example["file_name"].decode(), None)
+            if path is not None:
+                os.makedirs(os.path.dirname(os.path.join(root, path)), exist_ok=True)
+                with open(os.path.join(root, path), "wb") as f:
+                    f.write(example["image"])
+                written += 1
+    if wanted:
+        raise DataError(f"{len(wanted)} listed image(s) are not in TFDS {tfds_name!r} "
+                        f"(splits {', '.join(splits)}), e.g. {next(iter(wanted.values()))!r}")
+    return written
+
+
 # ---------------------------------------------------------------------------------------
 # tf.data pipelines.
 

@@ -40,6 +40,9 @@ class RunConfig:
     data_root: str = config_field("", "Folder the list-file paths are relative to.")
     num_classes: int = config_field(0, "Number of classes for --dataset=list (0: largest label + 1).")
     image_size: int = config_field(32, "Side of the model input for image files.")
+    tfds_images: str = config_field("", "With --dataset=list: take the listed images missing under "
+                                        "--data_root from this prepared TFDS dataset (imagenet2012, in "
+                                        "--data_dir) and write them there first.")
     imbalance_ratio: float = config_field(100.0, "Head/tail ratio of the long-tailed training split; "
                                            "0 keeps the source's own class counts.")
     augment: str = config_field("cifar", f"Training augmentation: one of {lt_data.AUGMENTATIONS}.")
@@ -87,6 +90,7 @@ class RunConfig:
 
 # Settings that do not change what a run computes, so a resumed run may differ in them.
 RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "data_dir",
+               "tfds_images",
                "download", "data_path", "train_list", "test_list", "data_root", "jit_compile")
 
 # Baselines in the same code: name -> overrides.
@@ -118,6 +122,11 @@ def baseline_config(config: RunConfig, name: str) -> RunConfig:
 
 
 def load_data(config: RunConfig) -> lt_data.LabeledData:
+    if config.tfds_images:
+        if config.dataset != "list":
+            raise RunError("--tfds_images goes with --dataset=list (the lists name the images to take)")
+        lt_data.extract_from_tfds([config.train_list, config.test_list], config.data_root,
+                                  config.tfds_images, config.data_dir or None)
     return lt_data.load_dataset(
         config.dataset, imbalance_ratio=config.imbalance_ratio or None, data_dir=config.data_dir or None,
         download=config.download, data_path=config.data_path, train_list=config.train_list,

@@ -250,3 +250,34 @@ def test_normalisation_and_test_crop_overrides():
         lt_data.load_dataset("digits", mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
     with pytest.raises(lt_data.DataError, match="--test_crop must be in \\(0, 1\\]"):
         lt_data.load_dataset("digits", test_crop=1.5)
+
+
+def test_extract_imagenet_lt_images_from_tfds(tmp_path):
+    jpegs = {f"n0{c}_{i}.JPEG": tf.io.encode_jpeg(np.full((12, 12, 3), 40 * c + i, np.uint8)).numpy()
+             for c in range(2) for i in range(3)}
+    (tmp_path / "train.txt").write_text("train/n00/n00_0.JPEG 0\ntrain/n01/n01_1.JPEG 1\n")
+    (tmp_path / "test.txt").write_text("val/n01/n01_2.JPEG 1\n")
+
+    def as_dataset(self, split, decoders=None, **kwargs):
+        names = sorted(jpegs)
+        return tf.data.Dataset.from_tensor_slices({
+            "file_name": names, "image": [jpegs[n] for n in names], "label": [int(n[2]) for n in names]})
+
+    root = tmp_path / "images"
+    lists = [str(tmp_path / "train.txt"), str(tmp_path / "test.txt")]
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        assert lt_data.extract_from_tfds(lists, str(root)) == 3
+        assert lt_data.extract_from_tfds(lists, str(root)) == 0  # already there
+    assert (root / "val" / "n01" / "n01_2.JPEG").read_bytes() == jpegs["n01_2.JPEG"]
+    data = lt_data.load_image_list(*lists, str(root))
+    np.testing.assert_array_equal(data.train_counts(), [1, 1])
+    (tmp_path / "test.txt").write_text("val/n05/n05_0.JPEG 1\n")
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+        with pytest.raises(lt_data.DataError, match="1 listed image\\(s\\) are not in TFDS 'imagenet2012'"):
+            lt_data.extract_from_tfds(lists, str(root))
+
+
+def test_extract_without_prepared_tfds_says_how(tmp_path):
+    (tmp_path / "train.txt").write_text("train/n00/x.JPEG 0\n")
+    with pytest.raises(lt_data.DataError, match="not prepared.*downloads/manual.*tfds build imagenet2012"):
+        lt_data.extract_from_tfds([str(tmp_path / "train.txt")], str(tmp_path), data_dir=str(tmp_path / "tfds"))
