@@ -159,15 +159,8 @@ class BasicBlock(layers.Layer):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride}
 
 
-@keras.saving.register_keras_serializable("balpoe_tf")
-class ResNetStage(layers.Layer):
-    """`blocks` basic blocks at `filters` channels; the first has the stride."""
-
-    def __init__(self, filters, blocks, stride=1, **kwargs):
-        super().__init__(**kwargs)
-        self.filters, self.blocks, self.stride = filters, blocks, stride
-        self.units = [BasicBlock(filters, stride if i == 0 else 1, name=f"block{i}")
-                      for i in range(blocks)]
+class _BlockStack(layers.Layer):
+    """Residual blocks (`self.units`) applied in sequence."""
 
     def build(self, input_shape):
         for unit in self.units:
@@ -183,6 +176,17 @@ class ResNetStage(layers.Layer):
         for unit in self.units:
             input_shape = unit.compute_output_shape(input_shape)
         return input_shape
+
+
+@keras.saving.register_keras_serializable("balpoe_tf")
+class ResNetStage(_BlockStack):
+    """`blocks` basic blocks at `filters` channels; the first has the stride."""
+
+    def __init__(self, filters, blocks, stride=1, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.blocks, self.stride = filters, blocks, stride
+        self.units = [BasicBlock(filters, stride if i == 0 else 1, name=f"block{i}")
+                      for i in range(blocks)]
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "blocks": self.blocks,
@@ -343,7 +347,7 @@ class Bottleneck(layers.Layer):
 
 
 @keras.saving.register_keras_serializable("balpoe_tf")
-class BottleneckStage(layers.Layer):
+class BottleneckStage(_BlockStack):
     """`blocks` bottlenecks at `planes`; the first has the stride."""
 
     def __init__(self, planes, blocks, stride=1, groups=1, base_width=64, **kwargs):
@@ -352,19 +356,6 @@ class BottleneckStage(layers.Layer):
         self.groups, self.base_width = groups, base_width
         self.units = [Bottleneck(planes, stride if i == 0 else 1, groups, base_width, name=f"block{i}")
                       for i in range(blocks)]
-
-    def build(self, input_shape):
-        _build_chain(self.units, input_shape)
-
-    def call(self, x, training=None):
-        for unit in self.units:
-            x = unit(x, training=training)
-        return x
-
-    def compute_output_shape(self, input_shape):
-        for unit in self.units:
-            input_shape = unit.compute_output_shape(input_shape)
-        return input_shape
 
     def get_config(self):
         return {**super().get_config(), "planes": self.planes, "blocks": self.blocks, "stride": self.stride,
