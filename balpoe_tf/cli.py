@@ -5,6 +5,7 @@ import sys
 import typing
 
 from absl import flags
+from absl import logging as absl_logging
 
 from balpoe_tf.data import DataError
 
@@ -78,6 +79,9 @@ def run_tool(config_class, fn):
 
     def main(argv):
         _reject_positional(argv)
+        if not FLAGS["verbosity"].present:
+            # TensorFlow's INFO lines (SavedModel assets, tf.data) would bury the progress lines.
+            absl_logging.set_verbosity(absl_logging.WARNING)
         config = config_from_flags(config_class)
         return run_reporting_errors(lambda: fn(config))
 
