@@ -9,7 +9,6 @@ in [0, 255]; geometric ones use nearest-neighbour sampling and grey (128) fill.
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import tensorflow as tf
 
 # (p1, op1, level1, p2, op2, level2)

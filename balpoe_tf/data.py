@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import keras
 import tensorflow as tf
 

@@ -13,14 +13,12 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
-import keras
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf.cli import config_field
 from balpoe_tf import experiment
 from balpoe_tf import metrics as lt_metrics
+from balpoe_tf.cli import config_field
 
 SHIFT_RATIOS = (50, 25, 10, 5, 2)
 # Paper order: Forward 50 ... Forward 2, Uniform, Backward 2 ... Backward 50.

@@ -16,12 +16,11 @@ from typing import Callable, List
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import keras
 import tensorflow as tf
 
+from balpoe_tf import __version__, export, losses, models, training
 from balpoe_tf import data as lt_data
-from balpoe_tf import export, losses, models, training
 from balpoe_tf.cli import config_field
 
 
@@ -239,7 +238,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
         "optimizer": keras.saving.serialize_keras_object(model.optimizer),
         "model": model.get_config(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                     "balpoe_tf": balpoe_tf.__version__},
+                     "balpoe_tf": __version__},
     }
     with open(_config_path(config.output_dir), "w") as f:
         json.dump(record, f, indent=1, default=str)

@@ -17,7 +17,6 @@ import os
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import keras
 import tensorflow as tf
 

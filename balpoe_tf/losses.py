@@ -4,7 +4,6 @@ import warnings
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import keras
 from keras import ops
 

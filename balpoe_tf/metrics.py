@@ -3,7 +3,6 @@ and per-expert accuracy, as streaming Keras metrics that also run under tf.distr
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import keras
 from keras import ops
 

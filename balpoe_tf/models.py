@@ -3,7 +3,6 @@ Keras model that trains them with mixup and logit-adjusted losses."""
 
 import numpy as np
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import keras
 import tensorflow as tf
 from keras import layers, ops

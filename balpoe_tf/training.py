@@ -3,7 +3,6 @@ momentum as PyTorch applies them, per-epoch learning-rate schedules, and mixup."
 
 import math
 
-import balpoe_tf  # noqa: F401  (TensorFlow defaults before TF loads)
 import keras
 import tensorflow as tf
 from keras import ops

@@ -1,7 +1,6 @@
 import csv
 import glob
 import math
-import os
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from balpoe_tf import data as lt_data
 from balpoe_tf import losses, models, training
