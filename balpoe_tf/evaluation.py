@@ -153,7 +153,7 @@ class Predictions:
 
 def predict(model, dataset: tf.data.Dataset) -> Predictions:
     labels, logits, experts = [], [], []
-    forward = tf.function(lambda x: model(x, training=False))
+    forward = tf.function(lambda x: model(x, training=False), autograph=False)
     for images, y in dataset:
         out = forward(images)
         labels.append(y.numpy())

@@ -71,7 +71,8 @@ def measure(name, xla, runs, steps):
               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": bool(xla)}
     result["train_images_per_s"] = _median_rate(
         lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0), steps * batch, runs)
-    forward = tf.function(lambda images: model(images, training=False)["logits"], jit_compile=bool(xla))
+    forward = tf.function(lambda images: model(images, training=False)["logits"], jit_compile=bool(xla),
+                          autograph=False)
     images = tf.constant(x)
     result["predict_images_per_s"] = _median_rate(
         lambda: [forward(images).numpy() for _ in range(steps)], steps * batch, runs)
