@@ -59,7 +59,7 @@ def _reject_positional(argv):
                  "(see --helpfull)")
 
 
-def run_reporting_errors(fn):
+def _run_reporting_errors(fn):
     """Run `fn`; report bad input (data, run folder, values) as one clear line and exit 2."""
     from balpoe_tf.experiment import RunError
 
@@ -83,6 +83,6 @@ def run_tool(config_class, fn):
             # TensorFlow's INFO lines (SavedModel assets, tf.data) would bury the progress lines.
             absl_logging.set_verbosity(absl_logging.WARNING)
         config = config_from_flags(config_class)
-        return run_reporting_errors(lambda: fn(config))
+        return _run_reporting_errors(lambda: fn(config))
 
     return main
