@@ -272,7 +272,7 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
         for mode in PRIOR_MODES:
             if mode in results["uniform"]:
                 m = results["uniform"][mode]
-                cells = [_pct(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
+                cells = [experiment.percent(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
                                               "few_accuracy", "ece", "mce")]
                 lines.append(f"| {run} | {_TITLES[mode]} | " + " | ".join(cells)
                              + f" | {m['nll']:.3f} | {m['brier']:.3f} |")
@@ -288,10 +288,6 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
         json.dump({"results": results_by_run, "details": details}, f, indent=1,
                   default=lambda o: None if isinstance(o, float) and np.isnan(o) else o)
     return paths
-
-
-def _pct(value):
-    return "n/a" if value is None or np.isnan(value) else f"{100 * value:.1f}"
 
 
 def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):

@@ -507,6 +507,11 @@ def _eval_epochs(config: RunConfig, start_epoch: int) -> list:
     return sorted({e for e in range(start_epoch + 1, config.epochs + 1) if e % every == 0} | {config.epochs})
 
 
+def percent(value) -> str:
+    """A fraction as a percentage with one decimal, or "n/a" for a missing (None / NaN) value."""
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
 def format_table(rows: dict, columns=RESULT_COLUMNS) -> str:
     """A Markdown table of runs (rows) by metrics (columns, in %; NLL as is)."""
     head = "| run | " + " | ".join(c.replace("_accuracy", "") for c in columns) + " |"
@@ -515,8 +520,8 @@ def format_table(rows: dict, columns=RESULT_COLUMNS) -> str:
         cells = []
         for c in columns:
             value = metrics.get(c, float("nan"))
-            cells.append("n/a" if value is None or math.isnan(value)
-                         else f"{value:.3f}" if c == "nll" else f"{100 * value:.1f}")
+            cells.append(f"{value:.3f}" if c == "nll" and value is not None and not math.isnan(value)
+                         else percent(value))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -53,10 +53,6 @@ def base_config(ratio: float, seed: int, output_dir: str) -> experiment.RunConfi
         checkpoint_every=1, export=False)
 
 
-def _pct(value):
-    return "n/a" if np.isnan(value) else f"{100 * value:.1f}"
-
-
 def _slug(name):
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
@@ -104,7 +100,7 @@ def main(argv):
         report += [f"## Fashion-MNIST-LT, IR {ratio:g} ({len(per_seed)} seed(s), {FLAGS.epochs} epochs)", "",
                    "Balanced test set, mean over seeds (%).", "",
                    "| method | accuracy | many | medium | few | ECE | MCE |", "|---|---|---|---|---|---|---|"]
-        report += [f"| {m} | " + " | ".join(_pct(v[k]) for k in SUMMARY_METRICS) + " |"
+        report += [f"| {m} | " + " | ".join(experiment.percent(v[k]) for k in SUMMARY_METRICS) + " |"
                    for m, v in summary.items()]
         report += ["", *orderings(summary), "",
                    f"Shifted test sets, with and without the known prior: see "
