@@ -7,7 +7,6 @@ its metrics come from indexing the stored logits.
 
 import csv
 import dataclasses
-import json
 import os
 from typing import Dict, Optional, Sequence
 
@@ -232,7 +231,8 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
 _TITLES = {"none": "no prior", "known": "+ known test prior", "estimated": "+ prior estimated by EM"}
 
 
-def _column(name):
+def column_title(name: str) -> str:
+    """The paper's column title of a distribution name ('forward50' -> 'Forward 50')."""
     direction, ratio = parse_distribution(name)
     return "Uniform" if direction == "uniform" else f"{direction.capitalize()} {ratio:g}"
 
@@ -247,11 +247,37 @@ def accuracy_table(results_by_run: Dict[str, dict], metric: str = "accuracy") ->
     return rows
 
 
+def _leaf_statistics(values):
+    values = np.array([v for v in values if v is not None and not np.isnan(v)], float)
+    mean = float(values.mean()) if len(values) else float("nan")
+    std = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    return mean, std
+
+
+def mean_over_seeds(results: Sequence[dict]):
+    """Mean and sample standard deviation, leaf by leaf, of equally shaped results of several seeds.
+
+    Args:
+        results: nested dicts of metrics (e.g. `evaluate_runs` results), one per seed.
+
+    Returns:
+        (mean, std), nested like one input. NaN entries (an empty group) are ignored and a leaf
+        that is NaN in every seed stays NaN; the std of one seed is NaN; lists (per-class counts)
+        are left out.
+    """
+    first = results[0]
+    if not isinstance(first, dict):
+        return _leaf_statistics(results)
+    pairs = {k: mean_over_seeds([r[k] for r in results])
+             for k, v in first.items() if not isinstance(v, (list, tuple))}
+    return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+
+
 def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], output_dir: str) -> dict:
     """shifted_accuracy.{md,csv}, evaluation.json (and the Markdown of the balanced details)."""
     os.makedirs(output_dir, exist_ok=True)
     distributions = list(next(iter(results_by_run.values())))
-    header = ["method", "prior"] + [_column(d) for d in distributions]
+    header = ["method", "prior"] + [column_title(d) for d in distributions]
     rows = accuracy_table(results_by_run)
     paths = {"markdown": os.path.join(output_dir, "shifted_accuracy.md"),
              "csv": os.path.join(output_dir, "shifted_accuracy.csv"),
@@ -284,9 +310,7 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
                   for k, v in detail["experts"].items()]
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(paths["json"], "w") as f:
-        json.dump({"results": results_by_run, "details": details}, f, indent=1,
-                  default=lambda o: None if isinstance(o, float) and np.isnan(o) else o)
+    experiment.write_json(paths["json"], {"results": results_by_run, "details": details})
     return paths
 
 

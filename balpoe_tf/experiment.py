@@ -206,6 +206,24 @@ def check_run_folder(config: RunConfig):
                        f"(--flagfile={os.path.join(config.output_dir, 'flags.txt')}) to resume it")
 
 
+def strict_json(value):
+    """`value` with every NaN (e.g. the accuracy of an empty class group) as None, so that the
+    JSON written is standard JSON (null) that any reader accepts, not Python's NaN extension."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_json(path: str, value, **kwargs):
+    """Write `value` to `path` as standard JSON (NaN as null); kwargs go to json.dump."""
+    with open(path, "w") as f:
+        json.dump(strict_json(value), f, indent=1, allow_nan=False, **kwargs)
+
+
 def load_run(run_dir: str):
     """(model, saved run record) of a run folder made by tools/train.py."""
     record_path = os.path.join(run_dir, "config.json")
@@ -240,8 +258,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                      "balpoe_tf": __version__},
     }
-    with open(_config_path(config.output_dir), "w") as f:
-        json.dump(record, f, indent=1, default=str)
+    write_json(_config_path(config.output_dir), record, default=str)
     with open(os.path.join(config.output_dir, "flags.txt"), "w") as f:
         f.write(config_to_flags(config))
     return record
@@ -492,8 +509,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
         f.write(reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),
                                         data.name))
     model.save(os.path.join(config.output_dir, "model.keras"))
-    with open(os.path.join(config.output_dir, "results.json"), "w") as f:
-        json.dump({"epochs": config.epochs, "test": results}, f, indent=1)
+    write_json(os.path.join(config.output_dir, "results.json"), {"epochs": config.epochs, "test": results})
     log(f"done: {config.output_dir}/model.keras, results.json")
     if config.export:
         path = export.export_run(model, record, os.path.join(config.output_dir, "export"))

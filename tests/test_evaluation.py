@@ -92,6 +92,24 @@ def test_empty_class_in_shifted_set_is_reported_as_nan():
     assert out["uniform"]["none"]["few_accuracy"] == 1.0
 
 
+def test_mean_over_seeds_by_hand():
+    nan = float("nan")
+    seeds = [{"run": {"uniform": {"none": {"accuracy": 0.5, "few_accuracy": nan}, "counts": [3, 1]}}},
+             {"run": {"uniform": {"none": {"accuracy": 0.7, "few_accuracy": nan}, "counts": [3, 1]}}},
+             {"run": {"uniform": {"none": {"accuracy": 0.9, "few_accuracy": 0.4}, "counts": [3, 1]}}}]
+    mean, std = evaluation.mean_over_seeds(seeds)
+    assert mean["run"]["uniform"]["none"]["accuracy"] == pytest.approx(0.7)
+    assert std["run"]["uniform"]["none"]["accuracy"] == pytest.approx(0.2)  # sample std of .5 .7 .9
+    # An empty group (NaN) in two seeds: the mean is the one seed that has it, with no std.
+    assert mean["run"]["uniform"]["none"]["few_accuracy"] == pytest.approx(0.4)
+    assert math.isnan(std["run"]["uniform"]["none"]["few_accuracy"])
+    assert "counts" not in mean["run"]["uniform"]
+    one_mean, one_std = evaluation.mean_over_seeds(seeds[:1])
+    assert one_mean["run"]["uniform"]["none"]["accuracy"] == 0.5
+    assert math.isnan(one_std["run"]["uniform"]["none"]["accuracy"])
+    assert math.isnan(evaluation.mean_over_seeds(seeds[:2])[0]["run"]["uniform"]["none"]["few_accuracy"])
+
+
 def test_list_subsets(tmp_path):
     paths = np.array([str(tmp_path / f"{i}.png") for i in range(4)])
     test = lt_data.Split(paths, np.array([0, 0, 1, 1]))

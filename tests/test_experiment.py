@@ -161,6 +161,20 @@ def test_format_table():
                                   "| a | 50.0 | n/a | 1.235 |"]
 
 
+def _strict_loads(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_files_are_standard_json(tmp_path):
+    nan = float("nan")
+    experiment.write_json(tmp_path / "r.json", {"a": nan, "b": [1.0, nan], "c": {"d": 0.5, "e": (nan,)}})
+    assert _strict_loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [1.0, None],
+                                                                "c": {"d": 0.5, "e": [None]}}
+    assert experiment.percent(None) == "n/a"
+
+
 def test_train_cli_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = run_cli(*TINY, "--compare=ce", f"--output_dir={out}")
@@ -173,7 +187,7 @@ def test_train_cli_end_to_end(tmp_path):
     record = json.loads((out / "config.json").read_text())
     assert record["lr_by_epoch"] == pytest.approx([0.05, 0.1, 0.1])
     assert record["config"]["lambdas"] == [1.0, 0.0, -1.0]
-    results = json.loads((out / "results.json").read_text())["test"]
+    results = _strict_loads((out / "results.json").read_text())["test"]
     assert 0.0 <= results["accuracy"] <= 1.0 and "few_accuracy" in results and "ece" in results
     # The recorded flags reproduce the run's settings.
     saved = parse(f"--flagfile={out / 'flags.txt'}")
