@@ -134,9 +134,13 @@ def kl_divergence(p, q) -> float:
 
 def set_metrics(labels, logits, train_counts) -> dict:
     """Accuracy (over samples), many/medium/few (means of per-class accuracies; NaN for a
-    group with no class present), ECE, MCE, NLL and Brier of one set of predictions."""
+    group with no class present), ECE, MCE, NLL, Brier and overconfidence (mean top-1
+    confidence minus accuracy: the sign ECE lacks, negative for an underconfident model) of
+    one set of predictions."""
     out = lt_metrics.evaluate_logits(labels, np.asarray(logits, np.float32), train_counts)
-    out["brier"] = brier_score(labels, _softmax(logits))
+    probs = _softmax(logits)
+    out["brier"] = brier_score(labels, probs)
+    out["overconfidence"] = float(np.mean(np.max(probs, axis=-1)) - out["accuracy"])
     out["size"] = int(len(labels))
     return out
 

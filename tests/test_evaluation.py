@@ -92,6 +92,14 @@ def test_empty_class_in_shifted_set_is_reported_as_nan():
     assert out["uniform"]["none"]["few_accuracy"] == 1.0
 
 
+def test_overconfidence_by_hand():
+    # Confidences 0.75 (right) and 0.6 (wrong): mean confidence 0.675, accuracy 0.5.
+    logits = np.log([[0.75, 0.25], [0.6, 0.4]])
+    out = evaluation.set_metrics([0, 1], logits, [10, 10])
+    assert out["overconfidence"] == pytest.approx(0.175, abs=1e-6)
+    assert evaluation.set_metrics([0, 0], logits, [10, 10])["overconfidence"] == pytest.approx(-0.325, abs=1e-6)
+
+
 def test_mean_over_seeds_by_hand():
     nan = float("nan")
     seeds = [{"run": {"uniform": {"none": {"accuracy": 0.5, "few_accuracy": nan}, "counts": [3, 1]}}},

@@ -42,7 +42,8 @@ METHODS = {
     "BalPoE": {},
     "uniform ensemble": dict(lambdas=[0.0, 0.0, 0.0]),
 }
-SUMMARY_METRICS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce")
+SUMMARY_METRICS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce",
+                   "overconfidence")
 
 
 def base_config(ratio: float, seed: int, output_dir: str) -> experiment.RunConfig:
@@ -87,8 +88,9 @@ def _cell(mean, std):
 def ratio_report(ratio: float, per_seed: dict, mean: dict, std: dict) -> list:
     """Markdown lines: balanced test set (mean ± std over seeds), orderings, shifted test sets."""
     lines = [f"## Fashion-MNIST-LT, IR {ratio:g} ({len(per_seed)} seed(s), {FLAGS.epochs} epochs)", "",
-             "Balanced test set (%, mean ± standard deviation over seeds).", "",
-             "| method | accuracy | many | medium | few | ECE | MCE |", "|---|---|---|---|---|---|---|"]
+             "Balanced test set (%, mean ± standard deviation over seeds; conf − acc is mean top-1 "
+             "confidence minus accuracy, negative when the model is underconfident).", "",
+             "| method | accuracy | many | medium | few | ECE | MCE | conf − acc |", "|" + "---|" * 8]
     for method in METHODS:
         m, s = mean[method]["uniform"]["none"], std[method]["uniform"]["none"]
         lines.append(f"| {method} | " + " | ".join(_cell(m[k], s[k]) for k in SUMMARY_METRICS) + " |")
