@@ -293,9 +293,10 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
     lines = ["Top-1 accuracy (%) over the samples of each test distribution.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r[:2] + [f"{v:.1f}" for v in r[2:]]) + " |" for r in rows]
-    lines += ["", "Balanced test set (%, NLL and Brier as they are).", "",
-              "| method | prior | accuracy | many | medium | few | ECE | MCE | NLL | Brier |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Balanced test set (%, NLL and Brier as they are; conf − acc is mean top-1 confidence "
+                  "minus accuracy, negative for an underconfident model).", "",
+              "| method | prior | accuracy | many | medium | few | ECE | MCE | conf − acc | NLL | Brier |",
+              "|" + "---|" * 11]
     for run, results in results_by_run.items():
         if "uniform" not in results:
             continue
@@ -303,7 +304,7 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
             if mode in results["uniform"]:
                 m = results["uniform"][mode]
                 cells = [experiment.percent(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
-                                              "few_accuracy", "ece", "mce")]
+                                                            "few_accuracy", "ece", "mce", "overconfidence")]
                 lines.append(f"| {run} | {_TITLES[mode]} | " + " | ".join(cells)
                              + f" | {m['nll']:.3f} | {m['brier']:.3f} |")
     for run, detail in details.items():

@@ -153,6 +153,7 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
         rows = list(csv.reader(f))
     assert rows[0][:3] == ["method", "prior", "Forward 50"] and rows[0][-1] == "Backward 50"
     assert [r[1] for r in rows[1:]] == ["no prior", "+ known test prior", "+ prior estimated by EM"]
+    assert "| ECE | MCE | conf − acc |" in (out / "shifted_accuracy.md").read_text()
     assert set(results["tiny"]) == set(evaluation.DISTRIBUTIONS)
     assert results["tiny"]["uniform"]["none"]["size"] == 400
     assert glob.glob(str(run / "tensorboard" / "evaluation" / "events.*"))
