@@ -235,8 +235,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
 _TITLES = {"none": "no prior", "known": "+ known test prior", "estimated": "+ prior estimated by EM"}
 
 
-def column_title(name: str) -> str:
-    """The paper's column title of a distribution name ('forward50' -> 'Forward 50')."""
+def _column(name):
     direction, ratio = parse_distribution(name)
     return "Uniform" if direction == "uniform" else f"{direction.capitalize()} {ratio:g}"
 
@@ -249,6 +248,17 @@ def accuracy_table(results_by_run: Dict[str, dict], metric: str = "accuracy") ->
         for mode in modes:
             rows.append([run, _TITLES[mode]] + [100.0 * results[d][mode][metric] for d in results])
     return rows
+
+
+def accuracy_header(results_by_run: Dict[str, dict]) -> list:
+    """Column titles of `accuracy_table`: method, prior, then e.g. 'Forward 50' ... 'Backward 50'."""
+    return ["method", "prior"] + [_column(d) for d in next(iter(results_by_run.values()))]
+
+
+def accuracy_markdown(header: list, rows: list) -> list:
+    """Markdown lines of an `accuracy_table` under `header` (one decimal)."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(r[:2] + [f"{v:.1f}" for v in r[2:]]) + " |" for r in rows])
 
 
 def _leaf_statistics(values):
@@ -280,9 +290,7 @@ def mean_over_seeds(results: Sequence[dict]):
 def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], output_dir: str) -> dict:
     """shifted_accuracy.{md,csv}, evaluation.json (and the Markdown of the balanced details)."""
     os.makedirs(output_dir, exist_ok=True)
-    distributions = list(next(iter(results_by_run.values())))
-    header = ["method", "prior"] + [column_title(d) for d in distributions]
-    rows = accuracy_table(results_by_run)
+    header, rows = accuracy_header(results_by_run), accuracy_table(results_by_run)
     paths = {"markdown": os.path.join(output_dir, "shifted_accuracy.md"),
              "csv": os.path.join(output_dir, "shifted_accuracy.csv"),
              "json": os.path.join(output_dir, "evaluation.json")}
@@ -291,8 +299,7 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
         writer.writerow(header)
         writer.writerows([r[:2] + [f"{v:.2f}" for v in r[2:]] for r in rows])
     lines = ["Top-1 accuracy (%) over the samples of each test distribution.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r[:2] + [f"{v:.1f}" for v in r[2:]]) + " |" for r in rows]
+             *accuracy_markdown(header, rows)]
     lines += ["", "Balanced test set (%, NLL and Brier as they are; conf − acc is mean top-1 confidence "
                   "minus accuracy, negative for an underconfident model).", "",
               "| method | prior | accuracy | many | medium | few | ECE | MCE | conf − acc | NLL | Brier |",

@@ -97,11 +97,7 @@ def ratio_report(ratio: float, per_seed: dict, mean: dict, std: dict) -> list:
         lines.append(f"| {method} | " + " | ".join(_cell(m[k], s[k]) for k in SUMMARY_METRICS) + " |")
     lines += ["", *orderings(per_seed), "",
               "Accuracy (%) on the shifted test sets, mean over seeds, without and with the known test prior.", ""]
-    distributions = list(mean[next(iter(METHODS))])
-    header = ["method", "prior"] + [evaluation.column_title(d) for d in distributions]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[:2] + [f"{v:.1f}" for v in row[2:]]) + " |"
-              for row in evaluation.accuracy_table(mean)]
+    lines += evaluation.accuracy_markdown(evaluation.accuracy_header(mean), evaluation.accuracy_table(mean))
     return lines + [""]
 
 
