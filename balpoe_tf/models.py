@@ -15,9 +15,39 @@ def _conv_init():
     return keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
 
 
+@keras.saving.register_keras_serializable("balpoe_tf")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """`BatchNormalization` on NHWC images computed by TensorFlow's fused kernel.
+
+    Keras 3 normalises with separate moment, subtract, scale and shift ops; the fused
+    kernel (one op forward, one backward) trains the 3-expert ResNet-32 about a quarter
+    faster on CPU (benchmarks/throughput_resnet32.md). Same weights, same outputs. The
+    moving variance is updated with the unbiased batch variance, as PyTorch's
+    BatchNorm2d does (Keras uses the biased one). Synchronised batch norm, masks and
+    inputs that are not 4-D channels-last take the Keras path.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (mask is not None or self.synchronized or self.renorm or len(inputs.shape) != 4
+                or self.axis not in (-1, 3) or not (self.scale and self.center)):
+            return super().call(inputs, training=training, mask=mask)
+        train = bool(training) and self.trainable
+        empty = tf.zeros([0], "float32")
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=ops.cast(self.gamma, "float32"), offset=ops.cast(self.beta, "float32"),
+            mean=empty if train else ops.cast(self.moving_mean, "float32"),
+            variance=empty if train else ops.cast(self.moving_variance, "float32"),
+            epsilon=self.epsilon, data_format="NHWC", is_training=train)
+        if train:
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum
+                                        + variance * (1.0 - self.momentum))
+        return ops.cast(outputs, self.compute_dtype)
+
+
 def _batch_norm():
     # PyTorch BatchNorm2d defaults: momentum 0.1 (Keras 0.9), eps 1e-5.
-    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    return FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
 
 
 @keras.saving.register_keras_serializable("balpoe_tf")

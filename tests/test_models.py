@@ -6,6 +6,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from balpoe_tf import data as lt_data
 from balpoe_tf import losses, models, training
@@ -27,6 +28,33 @@ def test_basic_block_shapes(stride, filters, out):
     assert y.shape == out
     assert (block.shortcut is None) == (stride == 1 and filters == 8)
     assert block.compute_output_shape((2, 8, 8, 8)) == out
+
+
+def test_fused_batch_norm_matches_keras_and_updates_like_pytorch():
+    x = np.random.RandomState(0).randn(4, 3, 2, 2).astype(np.float32) * 2.0 + 1.0
+    fused = models.FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
+    plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    for layer in (fused, plain):
+        layer.build(x.shape)
+        layer.gamma.assign([1.5, -0.5])
+        layer.beta.assign([0.1, 0.2])
+    inputs = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(inputs)
+        sums = [tf.reduce_sum(layer(inputs, training=True) ** 3) for layer in (fused, plain)]
+    np.testing.assert_allclose(sums[0], sums[1], rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(sums[0], inputs), tape.gradient(sums[1], inputs),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tape.gradient(sums[0], fused.gamma), tape.gradient(sums[1], plain.gamma),
+                               rtol=1e-4)
+    # Moving statistics: 0.9 * init + 0.1 * batch statistic, the variance unbiased (n = 24 - 1).
+    flat = x.reshape(-1, 2)
+    np.testing.assert_allclose(fused.moving_mean, 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(fused.moving_variance, 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    # Inference normalises with the moving statistics.
+    expected = (x - fused.moving_mean.numpy()) / np.sqrt(fused.moving_variance.numpy() + 1e-5) \
+        * np.array([1.5, -0.5]) + np.array([0.1, 0.2])
+    np.testing.assert_allclose(fused(x, training=False), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_strided_conv_uses_pytorch_grid():

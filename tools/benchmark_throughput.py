@@ -5,10 +5,10 @@ and XLA.
 
 Each (model, oneDNN, XLA) setting runs in its own process (TensorFlow reads
 TF_ENABLE_ONEDNN_OPTS once, at import): after a warm-up, `--runs` timed runs of
-`--steps` training steps (forward, backward, update, mixup on) and of `--steps`
-predictions; the median is reported, with peak resident memory and, for the CIFAR
-models, the input pipeline alone (augmentation included). Writes JSON and a Markdown
-table next to it.
+`--steps` training steps (forward, backward, update, mixup on; timed between step
+ends within one `fit`) and of `--steps` predictions; the median is reported, with
+peak resident memory and, for the CIFAR models, the input pipeline alone
+(augmentation included). Writes JSON and a Markdown table next to it.
 """
 
 import json
@@ -50,6 +50,20 @@ def _median_rate(fn, images_per_call, runs):
     return statistics.median(rates)
 
 
+def _median_train_rate(model, ds, batch, runs, steps):
+    """Training images/s, timed between step ends inside one `fit`: leaving `fit` deletes
+    its dataset iterator, which here can stall for ~10 s in tf.data's autotuning thread,
+    a cost of the benchmark loop, not of training."""
+    import keras
+
+    ends = []
+    step_ends = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    model.fit(ds, steps_per_epoch=1 + runs * steps, epochs=1, verbose=0, callbacks=[step_ends])
+    # ends[0] closes the warm-up step (tracing and the first execution).
+    return statistics.median(steps * batch / (ends[(r + 1) * steps] - ends[r * steps]) for r in range(runs))
+
+
 def measure(name, xla, runs, steps):
     import balpoe_tf  # noqa: F401  (after the parent set TF_ENABLE_ONEDNN_OPTS)
     import numpy as np
@@ -69,8 +83,7 @@ def measure(name, xla, runs, steps):
     ds = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     result = {"model": name, "backbone": backbone, "experts": experts, "batch": batch,
               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": bool(xla)}
-    result["train_images_per_s"] = _median_rate(
-        lambda: model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0), steps * batch, runs)
+    result["train_images_per_s"] = _median_train_rate(model, ds, batch, runs, steps)
     forward = tf.function(lambda images: model(images, training=False)["logits"], jit_compile=bool(xla),
                           autograph=False)
     images = tf.constant(x)
