@@ -21,10 +21,10 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     Keras 3 normalises with separate moment, subtract, scale and shift ops; with the
     fused kernel (one op forward, one backward) the 3-expert ResNet-32 trains about 1.4x
-    as fast on CPU (docs/results.md). Same weights, same outputs. The
-    moving variance is updated with the unbiased batch variance, as PyTorch's
-    BatchNorm2d does (Keras uses the biased one). Synchronised batch norm, masks and
-    inputs that are not 4-D channels-last take the Keras path.
+    as fast on CPU (docs/results.md). Same weights, same outputs. The moving variance is
+    updated with the unbiased batch variance, as PyTorch's BatchNorm2d does (Keras uses
+    the biased one). Synchronised batch norm, masks and inputs that are not 4-D
+    channels-last take the Keras path.
     """
 
     def call(self, inputs, training=None, mask=None):
