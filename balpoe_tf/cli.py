@@ -3,20 +3,19 @@
 import dataclasses
 import sys
 import typing
+import warnings
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
+from balpoe_tf.config import ConfigError, refuse
 from balpoe_tf.data import DataError
+from balpoe_tf.training import TrainingDiverged
 
 FLAGS = flags.FLAGS
 
-
-def config_field(default, help_text):
-    """A config dataclass field with the help text of its flag."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help_text})
-    return dataclasses.field(default=default, metadata={"help": help_text})
+# Exit codes of the tools: bad settings or input (nothing was done), a run that diverged.
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
 
 
 def define_flags(config_class, flag_values=FLAGS):
@@ -24,6 +23,9 @@ def define_flags(config_class, flag_values=FLAGS):
     for field in dataclasses.fields(config_class):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         help_text = field.metadata.get("help", field.name)
+        check = field.metadata.get("check")
+        if check is not None:
+            help_text = f"{help_text} [{check.rule}]"
         if field.type in (bool, "bool"):
             flags.DEFINE_bool(field.name, default, help_text, flag_values=flag_values)
         elif field.type in (int, "int"):
@@ -38,7 +40,8 @@ def define_flags(config_class, flag_values=FLAGS):
 
 
 def config_from_flags(config_class, flag_values=FLAGS):
-    """The config dataclass filled from the parsed flags."""
+    """The config dataclass filled from the parsed flags; a value that is not of the
+    field's type or breaks its rule raises `ConfigError`."""
     values = {}
     for field in dataclasses.fields(config_class):
         value = flag_values[field.name].value
@@ -47,42 +50,62 @@ def config_from_flags(config_class, flag_values=FLAGS):
             try:
                 value = [item(v) for v in value if str(v).strip()]
             except ValueError:
-                sys.exit(f"error: --{field.name}={','.join(value)} must be a comma-separated list of "
-                         f"{item.__name__} values")
+                refuse(field.name, value, f"a comma-separated list of {item.__name__} values")
         values[field.name] = value
     return config_class(**values)
 
 
-def _reject_positional(argv):
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected argument(s) {argv[1:]}: every setting is a --flag "
-                 "(see --helpfull)")
+def parse_flags(argv, flag_values=FLAGS):
+    """absl's parsing, with a bad flag (unknown, mistyped, missing flag file) reported as
+    one line and exit code 2 instead of absl's usage text."""
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if len(rest) > 1:
+        print(f"error: unexpected argument(s) {rest[1:]}: every setting is a --flag (see --helpfull)",
+              file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    return rest
 
 
-def _run_reporting_errors(fn):
-    """Run `fn`; report bad input (data, run folder, values) as one clear line and exit 2."""
+def _one_line_warning(message, category, filename, lineno, line=None):
+    # Python's default format prints the warning's source line under it.
+    return f"warning: {message}\n"
+
+
+def _run_reporting_errors(fn) -> int:
+    """Run `fn`; report bad input (settings, data, run folder) as one clear line and
+    return exit code 2, a diverged run as one line and exit code 1."""
     from balpoe_tf.experiment import RunError
 
     try:
         fn()
-    except (DataError, RunError, ValueError, FileNotFoundError) as e:
+    except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_DIVERGED
+    except (ConfigError, DataError, RunError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
-def run_tool(config_class, fn):
-    """Define one flag per field of `config_class`; return the `main` for `absl.app.run`,
-    which fills the config from the flags and runs `fn(config)`, reporting bad input as
-    one line (exit 2)."""
-    define_flags(config_class)
+def run_tool(config_classes, fn):
+    """Run a tool: define one flag per field of each config class (one class or a tuple),
+    parse and check them, fill the configs and call `fn(*configs)`; errors are one line and
+    an exit code (see above)."""
+    classes = config_classes if isinstance(config_classes, tuple) else (config_classes,)
+    for config_class in classes:
+        define_flags(config_class)
 
     def main(argv):
-        _reject_positional(argv)
+        del argv  # parse_flags refused positional arguments
+        warnings.formatwarning = _one_line_warning
         if not FLAGS["verbosity"].present:
             # TensorFlow's INFO lines (SavedModel assets, tf.data) would bury the progress lines.
             absl_logging.set_verbosity(absl_logging.WARNING)
-        config = config_from_flags(config_class)
-        return _run_reporting_errors(lambda: fn(config))
+        return _run_reporting_errors(lambda: fn(*(config_from_flags(c) for c in classes)))
 
-    return main
+    app.run(main, flags_parser=parse_flags)
+

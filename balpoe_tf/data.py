@@ -8,12 +8,14 @@ pipelines apply to all of them alike.
 import dataclasses
 import os
 import sys
+import zipfile
 from typing import Optional, Sequence
 
 import numpy as np
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -253,28 +255,56 @@ def _check_labels(train: Split, test: Split, num_classes: int):
     class_counts(test.labels, num_classes, "test label")
 
 
+def _pixels(what: str, x) -> np.ndarray:
+    """Images as uint8 `(N, H, W, C)`. Other integer types in [0, 255] are cast; float
+    arrays only when every value is a whole number in [0, 255] (said in the log), since
+    floats in [0, 1] would silently become black images."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise DataError(f"{what}: images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{what}: images must be uint8 pixels 0..255, got dtype {x.dtype}")
+    low, high = (x.min(), x.max()) if x.size else (0, 0)
+    if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():
+            raise DataError(f"{what}: images hold NaN or infinite values")
+        if high <= 1.0:
+            raise DataError(f"{what}: images are {x.dtype} in [{low:g}, {high:g}], but uint8 pixels 0..255 "
+                            "are expected: save (x * 255).round().astype(np.uint8)")
+        if (x != np.round(x)).any():
+            raise DataError(f"{what}: images are {x.dtype} with fractional values in [{low:g}, {high:g}]; "
+                            "uint8 pixels 0..255 are expected: save x.round().astype(np.uint8)")
+    if low < 0 or high > 255:
+        raise DataError(f"{what}: images must be pixels in [0, 255], got values in [{low:g}, {high:g}]")
+    if np.issubdtype(x.dtype, np.floating):
+        logging.warning("%s: %s images hold whole numbers in [0, 255]; read as uint8 pixels", what, x.dtype)
+    return x.astype(np.uint8)
+
+
+def _class_ids(what: str, y) -> np.ndarray:
+    """Labels as int64 class ids; fractional or non-numeric labels are refused."""
+    y = np.asarray(y).reshape(-1)
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) or (
+            np.issubdtype(y.dtype, np.floating) and (~np.isfinite(y) | (y != np.round(y))).any()):
+        raise DataError(f"{what}: labels must be integer class ids 0..C-1, got dtype {y.dtype}"
+                        + (f" with values such as {y[:3].tolist()}" if y.size else ""))
+    return y.astype(np.int64)
+
+
 def from_arrays(name: str, x_train, y_train, x_test, y_test,
                 class_names: Optional[Sequence[str]] = None,
                 mean=None, std=None) -> LabeledData:
     """A dataset from in-memory arrays of uint8 pixels `(N, H, W[, C])` and int labels."""
-    arrays = []
-    for x in (x_train, x_test):
-        x = np.asarray(x)
-        if x.ndim == 3:
-            x = x[..., None]
-        if x.ndim != 4:
-            raise DataError(f"{name}: images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
-        if x.dtype != np.uint8:
-            if x.min() < 0 or x.max() > 255:
-                raise DataError(f"{name}: images must be pixels in [0, 255], "
-                                f"got values in [{x.min()}, {x.max()}]")
-            x = x.astype(np.uint8)
-        arrays.append(x)
+    arrays = [_pixels(f"{name} x_{split}", x) for split, x in (("train", x_train), ("test", x_test))]
     if arrays[0].shape[1:] != arrays[1].shape[1:]:
         raise DataError(f"{name}: train images are {arrays[0].shape[1:]} but test images are "
                         f"{arrays[1].shape[1:]}; both splits need one image shape")
-    train = Split(arrays[0], np.asarray(y_train).astype(np.int64).reshape(-1))
-    test = Split(arrays[1], np.asarray(y_test).astype(np.int64).reshape(-1))
+    train = Split(arrays[0], _class_ids(f"{name} y_train", y_train))
+    test = Split(arrays[1], _class_ids(f"{name} y_test", y_test))
     if class_names is None:
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
         class_names = [str(c) for c in range(num_classes)]
@@ -323,15 +353,30 @@ def load_npz(path: str) -> LabeledData:
     """Arrays from an `.npz` with x_train, y_train, x_test, y_test (and optional class_names)."""
     if not os.path.isfile(path):
         raise DataError(f"npz file {path!r} does not exist: pass --data_path=FILE.npz")
-    with np.load(path, allow_pickle=False) as f:
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise DataError(f"{path} is not an .npz archive (it starts with {head!r}, not a zip header): "
+                        f"save the arrays with np.savez(path, {'=..., '.join(NPZ_KEYS)}=...)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz archive ({e}): save the arrays with "
+                        f"np.savez(path, {'=..., '.join(NPZ_KEYS)}=...)") from e
+    with archive as f:
         missing = [k for k in NPZ_KEYS if k not in f.files]
         if missing:
             raise DataError(
                 f"{path} lacks array(s) {', '.join(missing)} (it has {', '.join(f.files) or 'none'}): "
                 f"save it with np.savez(path, {'=..., '.join(NPZ_KEYS)}=...)"
             )
-        names = f["class_names"].tolist() if "class_names" in f.files else None
-        return from_arrays(os.path.basename(path), *(f[k] for k in NPZ_KEYS), class_names=names)
+        try:
+            arrays = [f[k] for k in NPZ_KEYS]
+            names = f["class_names"].tolist() if "class_names" in f.files else None
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path}: an array cannot be read ({e}); save plain numeric arrays "
+                            "(uint8 images, integer labels, string class names)") from e
+    return from_arrays(os.path.basename(path), *arrays, class_names=names)
 
 
 def load_digits(test_per_class: int = 40) -> LabeledData:
@@ -511,6 +556,36 @@ _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM")
 def image_file_ok(contents) -> tf.Tensor:
     """Whether encoded bytes start like a JPEG, PNG, GIF or BMP file."""
     return tf.reduce_any([tf.strings.substr(contents, 0, len(m)) == m for m in _IMAGE_MAGIC])
+
+
+def _header_uint(contents, start: int, size: int, big_endian: bool) -> tf.Tensor:
+    """The unsigned integer of `size` bytes at `start` (the caller checks the length)."""
+    raw = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, start, size), tf.uint8), tf.int64)
+    powers = [256 ** i for i in range(size)]
+    return tf.reduce_sum(raw * tf.constant(powers[::-1] if big_endian else powers, tf.int64))
+
+
+def image_pixels(contents) -> tf.Tensor:
+    """Height x width of encoded JPEG / PNG / GIF / BMP bytes, read from the header
+    without decoding (int64; 0 when the header is too short to tell), so that a huge
+    image can be refused before its pixels take memory."""
+    head = lambda m: tf.strings.substr(contents, 0, len(m)) == m  # noqa: E731
+    long_enough = lambda n: tf.strings.length(contents) >= n  # noqa: E731
+
+    def bmp():
+        height = _header_uint(contents, 22, 4, False)
+        height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)  # negative: rows stored top-down
+        return _header_uint(contents, 18, 4, False) * height
+
+    return tf.case([
+        (head(b"\x89PNG") & long_enough(24),
+         lambda: _header_uint(contents, 16, 4, True) * _header_uint(contents, 20, 4, True)),
+        (head(b"GIF8") & long_enough(10),
+         lambda: _header_uint(contents, 6, 2, False) * _header_uint(contents, 8, 2, False)),
+        (head(b"BM") & long_enough(26), bmp),
+        (head(b"\xff\xd8\xff"),
+         lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64))),
+    ], default=lambda: tf.constant(0, tf.int64), exclusive=True)
 
 
 def resize_center_crop(image, size, fraction):

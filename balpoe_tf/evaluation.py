@@ -17,7 +17,7 @@ import tensorflow as tf
 from balpoe_tf import data as lt_data
 from balpoe_tf import experiment
 from balpoe_tf import metrics as lt_metrics
-from balpoe_tf.cli import config_field
+from balpoe_tf.config import Check, at_least, config_field, one_of, validate
 
 SHIFT_RATIOS = (50, 25, 10, 5, 2)
 # Paper order: Forward 50 ... Forward 2, Uniform, Backward 2 ... Backward 50.
@@ -162,7 +162,12 @@ def predict(model, dataset: tf.data.Dataset) -> Predictions:
         labels.append(y.numpy())
         logits.append(out["logits"].numpy())
         experts.append(out["expert_logits"].numpy())
-    return Predictions(np.concatenate(labels), np.concatenate(logits), np.concatenate(experts))
+    preds = Predictions(np.concatenate(labels), np.concatenate(logits), np.concatenate(experts))
+    bad = int((~np.isfinite(preds.expert_logits)).any(axis=(1, 2)).sum())
+    if bad:
+        raise experiment.RunError(f"the model gives non-finite logits for {bad} of {len(preds.labels)} test "
+                                  "images (its weights diverged): no metrics are reported for it")
+    return preds
 
 
 def expert_report(preds: Predictions, train_counts, lambdas: Sequence[float]) -> dict:
@@ -337,21 +342,42 @@ def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):
 # The evaluation command.
 
 
+def _is_distribution(name: str) -> bool:
+    try:
+        return parse_distribution(name)[1] >= 1
+    except ValueError:
+        return False
+
+
+def _comma_list(check: Check) -> Check:
+    """A comma-separated string whose items each follow `check`."""
+    return Check(lambda v: bool(v.strip(",")) and all(check.ok(x) for x in v.split(",") if x),
+                 f"a comma-separated list of {check.rule}")
+
+
 @dataclasses.dataclass
 class EvalConfig:
-    """Settings of tools/evaluate.py (each field is a flag)."""
+    """Settings of tools/evaluate.py (each field is a flag, checked when made)."""
 
-    run_dir: str = config_field("", "Run folder(s) of tools/train.py, comma-separated; each is a table row group.")
-    distributions: str = config_field("all", "'all' or comma-separated names: uniform, forwardR, backwardR.")
-    priors: str = config_field(",".join(PRIOR_MODES), "Comma-separated test-time prior modes: none, known, estimated.")
+    run_dir: str = config_field("", "Run folder(s) of tools/train.py, comma-separated; each is a table row "
+                                    "group.", Check(lambda v: bool(v.strip(",")), "one or more run folders"))
+    distributions: str = config_field(
+        "all", "'all' or comma-separated names: uniform, forwardR, backwardR.",
+        Check(lambda v: v == "all" or _comma_list(Check(_is_distribution, "")).ok(v),
+              "'all' or a comma-separated list of uniform, forwardR, backwardR with R >= 1 (e.g. forward50)"))
+    priors: str = config_field(",".join(PRIOR_MODES), "Comma-separated test-time prior modes.",
+                               _comma_list(one_of(PRIOR_MODES)))
     output_dir: str = config_field("", "Where the reports go (default: RUN_DIR/evaluation of the first run).")
-    batch_size: int = config_field(256, "Prediction batch size.")
+    batch_size: int = config_field(256, "Prediction batch size.", at_least(1))
     shift_list_dir: str = config_field("", "Folder of standard shifted-set list files ('path label' lines) "
                                      "named *_<distribution>.txt (e.g. ImageNet_LT_forward50.txt); "
                                      "without it the sets are built from the balanced test set.")
     data_dir: str = config_field("", "Override the run's --data_dir (TFDS data) on this machine.")
     data_path: str = config_field("", "Override the run's --data_path on this machine.")
     data_root: str = config_field("", "Override the run's --data_root on this machine.")
+
+    def __post_init__(self):
+        validate(self)
 
 
 def _run_config(record: dict, config: EvalConfig) -> "experiment.RunConfig":
@@ -394,16 +420,9 @@ def list_subsets(shift_list_dir: str, test: lt_data.Split, num_classes: int,
 def evaluate_runs(config: EvalConfig, log=print) -> dict:
     """Evaluate each run on every requested distribution and prior mode; write reports."""
     runs = [r for r in config.run_dir.split(",") if r]
-    if not runs:
-        raise experiment.RunError("--run_dir is required: the output folder of a tools/train.py run")
     distributions = DISTRIBUTIONS if config.distributions == "all" else \
         tuple(d for d in config.distributions.split(",") if d)
-    for name in distributions:
-        parse_distribution(name)
     modes = tuple(m for m in config.priors.split(",") if m)
-    unknown = sorted(set(modes) - set(PRIOR_MODES))
-    if unknown:
-        raise ValueError(f"unknown prior mode(s) {unknown}; choose from {PRIOR_MODES}")
     output_dir = config.output_dir or os.path.join(runs[0], "evaluation")
     results, details = {}, {}
     for run_dir in runs:

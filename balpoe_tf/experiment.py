@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import time
 from typing import Callable, List
 
@@ -21,76 +22,9 @@ import tensorflow as tf
 
 from balpoe_tf import __version__, export, losses, models, training
 from balpoe_tf import data as lt_data
-from balpoe_tf.cli import config_field
+from balpoe_tf.config import (FINITE, NON_EMPTY, Check, at_least, between, config_field, each, either,
+                              greater_than, one_of, refuse, validate)
 
-
-@dataclasses.dataclass
-class RunConfig:
-    """Everything that defines a training run (each field is a flag of tools/train.py)."""
-
-    output_dir: str = config_field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.")
-    # Data.
-    dataset: str = config_field("digits", f"Data source: one of {sorted(lt_data.DATASETS)}.")
-    data_dir: str = config_field("", "TFDS data_dir holding prepared cifar10/cifar100.")
-    download: bool = config_field(False, "Let TFDS download the dataset (needs internet).")
-    data_path: str = config_field("", "The .npz file (--dataset=npz) or image folder (--dataset=folder).")
-    train_list: str = config_field("", "'path label' list of training images (--dataset=list).")
-    test_list: str = config_field("", "'path label' list of test images (--dataset=list).")
-    data_root: str = config_field("", "Folder the list-file paths are relative to.")
-    num_classes: int = config_field(0, "Number of classes for --dataset=list (0: largest label + 1).")
-    image_size: int = config_field(32, "Side of the model input for image files.")
-    tfds_images: str = config_field("", "With --dataset=list: take the listed images missing under "
-                                        "--data_root from this prepared TFDS dataset (imagenet2012, in "
-                                        "--data_dir) and write them there first.")
-    imbalance_ratio: float = config_field(100.0, "Head/tail ratio of the long-tailed training split; "
-                                           "0 keeps the source's own class counts.")
-    augment: str = config_field("cifar", f"Training augmentation: one of {lt_data.AUGMENTATIONS}.")
-    mean: List[float] = config_field([], "Per-channel normalisation mean in [0, 1] (default: the source's).")
-    std: List[float] = config_field([], "Per-channel normalisation std in [0, 1] (default: the source's).")
-    test_crop: float = config_field(0.0, "Image files: test resize to size/test_crop, centre crop (0.875); "
-                                         "0 resizes the whole image.")
-    bad_images: str = config_field("fail", "Image files that are not images: 'fail' naming the file, "
-                                           "or 'skip' them with a message.")
-    # Model.
-    backbone: str = config_field("resnet32", f"Backbone: one of {sorted(models.BACKBONES)}.")
-    num_experts: int = config_field(3, "Number of experts M.")
-    lambdas: List[float] = config_field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).")
-    target_mean_lambda: float = config_field(0.0, "Mean lambda the ensemble should have (0: balanced); "
-                                            "a different mean of --lambdas warns.")
-    scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).")
-    precision: str = config_field("float32", "float32, mixed_float16 or mixed_bfloat16 (the loss stays float32).")
-    strategy: str = config_field("auto", "tf.distribute strategy: auto (MirroredStrategy over all GPUs "
-                                         "when there are several), mirrored, multi_worker (from TF_CONFIG) or none.")
-    sync_bn: bool = config_field(False, "Synchronise batch-norm statistics across replicas.")
-    # Optimisation.
-    epochs: int = config_field(200, "Training epochs.")
-    batch_size: int = config_field(128, "Global batch size.")
-    lr: float = config_field(0.1, "Base learning rate.")
-    schedule: str = config_field("step", "LR schedule, stepped per epoch: 'step' (warm-up, x gamma at "
-                                    "--milestones) or 'cosine' (to 0 at --epochs).")
-    warmup_epochs: int = config_field(5, "Linear warm-up epochs.")
-    milestones: List[int] = config_field([160, 180], "Epochs (0-based) at which 'step' multiplies the LR by --gamma.")
-    gamma: float = config_field(0.1, "LR decay factor of 'step'.")
-    weight_decay: float = config_field(5e-4, "L2 weight decay (added to the gradient before momentum).")
-    momentum: float = config_field(0.9, "SGD momentum.")
-    nesterov: bool = config_field(True, "Nesterov momentum.")
-    mixup_alpha: float = config_field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.")
-    seed: int = config_field(1, "Seed of initialisation, shuffling, augmentation and mixup.")
-    deterministic: bool = config_field(False, "Enable TensorFlow op determinism (same seed, same weights).")
-    jit_compile: bool = config_field(False, "Compile the train step with XLA (slower on CPU; measured).")
-    # Run control.
-    eval_every: int = config_field(10, "Evaluate on the test set every N epochs (and at the end).")
-    checkpoint_every: int = config_field(10, "Save a checkpoint every N epochs (and at the end).")
-    compare: List[str] = config_field([], "Baselines to train after this run with the same data and "
-                                    "schedule, and to put in the result table: ce, bs, uniform, erm.")
-    dry_run: bool = config_field(False, "Build data and model, run one training step and one test batch, exit.")
-    export: bool = config_field(True, "At the end, export a TF Serving SavedModel to RUN/export/<version>.")
-
-
-# Settings that do not change what a run computes, so a resumed run may differ in them.
-RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "data_dir",
-               "tfds_images",
-               "download", "data_path", "train_list", "test_list", "data_root", "jit_compile")
 
 # Baselines in the same code: name -> overrides.
 BASELINES = {
@@ -101,6 +35,105 @@ BASELINES = {
 }
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("auto", "mirrored", "multi_worker", "none")
+SCHEDULES = ("step", "cosine")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a training run (each field is a flag of tools/train.py).
+
+    Making one checks every value against its rule and the settings against each other
+    (`ConfigError` names the flag, its value and what it may be)."""
+
+    output_dir: str = config_field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.",
+                                   NON_EMPTY)
+    # Data.
+    dataset: str = config_field("digits", "Data source.", one_of(sorted(lt_data.DATASETS)))
+    data_dir: str = config_field("", "TFDS data_dir holding prepared cifar10/cifar100.")
+    download: bool = config_field(False, "Let TFDS download the dataset (needs internet).")
+    data_path: str = config_field("", "The .npz file (--dataset=npz) or image folder (--dataset=folder).")
+    train_list: str = config_field("", "'path label' list of training images (--dataset=list).")
+    test_list: str = config_field("", "'path label' list of test images (--dataset=list).")
+    data_root: str = config_field("", "Folder the list-file paths are relative to.")
+    num_classes: int = config_field(0, "Number of classes for --dataset=list (0: largest label + 1).",
+                                    at_least(0))
+    image_size: int = config_field(32, "Side of the model input for image files.", at_least(8))
+    tfds_images: str = config_field("", "With --dataset=list: take the listed images missing under "
+                                        "--data_root from this prepared TFDS dataset (imagenet2012, in "
+                                        "--data_dir) and write them there first.")
+    imbalance_ratio: float = config_field(100.0, "Head/tail ratio of the long-tailed training split; "
+                                           "0 keeps the source's own class counts.",
+                                          either(0, at_least(1), "the source's own counts"))
+    augment: str = config_field("cifar", "Training augmentation.", one_of(lt_data.AUGMENTATIONS))
+    mean: List[float] = config_field([], "Per-channel normalisation mean in [0, 1] (default: the source's).",
+                                     each(between(0, 1)))
+    std: List[float] = config_field([], "Per-channel normalisation std in [0, 1] (default: the source's).",
+                                    each(Check(lambda v: 0 < v <= 1, "in (0, 1]")))
+    test_crop: float = config_field(0.0, "Image files: test resize to size/test_crop, centre crop (0.875); "
+                                         "0 resizes the whole image.",
+                                    either(0, Check(lambda v: 0 < v <= 1, "in (0, 1]"), "off"))
+    bad_images: str = config_field("fail", "Image files that are not images: 'fail' naming the file, "
+                                           "or 'skip' them with a message.", one_of(("fail", "skip")))
+    # Model.
+    backbone: str = config_field("resnet32", "Backbone.", one_of(sorted(models.BACKBONES)))
+    num_experts: int = config_field(3, "Number of experts M.", at_least(1))
+    lambdas: List[float] = config_field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).",
+                                        each(FINITE))
+    target_mean_lambda: float = config_field(0.0, "Mean lambda the ensemble should have (0: balanced); "
+                                            "a different mean of --lambdas warns.", FINITE)
+    scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).",
+                                greater_than(0))
+    precision: str = config_field("float32", "Compute precision (the loss stays float32).", one_of(PRECISIONS))
+    strategy: str = config_field("auto", "tf.distribute strategy: auto (MirroredStrategy over all GPUs "
+                                         "when there are several), mirrored, multi_worker (from TF_CONFIG) "
+                                         "or none.", one_of(STRATEGIES))
+    sync_bn: bool = config_field(False, "Synchronise batch-norm statistics across replicas.")
+    # Optimisation.
+    epochs: int = config_field(200, "Training epochs.", at_least(1))
+    batch_size: int = config_field(128, "Global batch size.", at_least(1))
+    lr: float = config_field(0.1, "Base learning rate.", greater_than(0))
+    schedule: str = config_field("step", "LR schedule, stepped per epoch: 'step' (warm-up, x gamma at "
+                                    "--milestones) or 'cosine' (to 0 at --epochs).", one_of(SCHEDULES))
+    warmup_epochs: int = config_field(5, "Linear warm-up epochs (at most --epochs).", at_least(0))
+    milestones: List[int] = config_field([160, 180], "Epochs (0-based, increasing, below --epochs) at which "
+                                                     "'step' multiplies the LR by --gamma.", each(at_least(0)))
+    gamma: float = config_field(0.1, "LR decay factor of 'step'.", greater_than(0))
+    weight_decay: float = config_field(5e-4, "L2 weight decay (added to the gradient before momentum).",
+                                       at_least(0))
+    momentum: float = config_field(0.9, "SGD momentum.", between(0, 1, open_high=True))
+    nesterov: bool = config_field(True, "Nesterov momentum (needs --momentum > 0).")
+    mixup_alpha: float = config_field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.",
+                                      either(0, greater_than(0), "no mixup"))
+    seed: int = config_field(1, "Seed of initialisation, shuffling, augmentation and mixup.", at_least(0))
+    deterministic: bool = config_field(False, "Enable TensorFlow op determinism (same seed, same weights).")
+    jit_compile: bool = config_field(False, "Compile the train step with XLA (slower on CPU; measured).")
+    # Run control.
+    eval_every: int = config_field(10, "Evaluate on the test set every N epochs (and at the end).", at_least(1))
+    checkpoint_every: int = config_field(10, "Save a checkpoint every N epochs (and at the end).", at_least(1))
+    compare: List[str] = config_field([], "Baselines to train after this run with the same data and "
+                                      "schedule, and to put in the result table.", each(one_of(BASELINES)))
+    dry_run: bool = config_field(False, "Build data and model, run one training step and one test batch, exit.")
+    export: bool = config_field(True, "At the end, export a TF Serving SavedModel to RUN/export/<version>.")
+
+    def __post_init__(self):
+        validate(self)
+        if len(self.lambdas) != self.num_experts:
+            refuse("lambdas", self.lambdas, f"one value per expert: {self.num_experts} for "
+                   f"--num_experts={self.num_experts}")
+        if self.warmup_epochs > self.epochs:
+            refuse("warmup_epochs", self.warmup_epochs, f"at most --epochs={self.epochs}")
+        if self.schedule == "step" and (sorted(set(self.milestones)) != self.milestones
+                                        or any(m >= self.epochs for m in self.milestones)):
+            refuse("milestones", self.milestones, f"strictly increasing epochs below --epochs={self.epochs}")
+        if self.nesterov and self.momentum == 0:
+            refuse("momentum", self.momentum, "> 0 with --nesterov (or pass --nonesterov)")
+
+
+# Settings that do not change what a run computes, so a resumed run may differ in them.
+RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "data_dir",
+               "tfds_images",
+               "download", "data_path", "train_list", "test_list", "data_root", "jit_compile")
 
 RESULT_COLUMNS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
 
@@ -138,9 +171,7 @@ def make_schedule(config: RunConfig, steps_per_epoch: int):
     if config.schedule == "step":
         return training.WarmupStepSchedule(config.lr, steps_per_epoch, config.warmup_epochs,
                                            config.milestones, config.gamma)
-    if config.schedule == "cosine":
-        return training.EpochCosineSchedule(config.lr, steps_per_epoch, config.epochs, config.warmup_epochs)
-    raise RunError(f"unknown --schedule {config.schedule!r}; use 'step' or 'cosine'")
+    return training.EpochCosineSchedule(config.lr, steps_per_epoch, config.epochs, config.warmup_epochs)
 
 
 def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: int) -> models.BalPoEModel:
@@ -176,14 +207,57 @@ def _config_path(output_dir):
     return os.path.join(output_dir, "config.json")
 
 
-def latest_checkpoint(output_dir: str):
-    """(epoch, path) of the newest checkpoint in a run folder, or (0, None)."""
+def checkpoints(output_dir: str) -> list:
+    """(epoch, path) of every checkpoint in a run folder, newest first."""
     found = []
     for path in glob.glob(os.path.join(output_dir, "checkpoints", "epoch_*.keras")):
         match = re.search(r"epoch_(\d+)\.keras$", path)
         if match:
             found.append((int(match.group(1)), path))
-    return max(found) if found else (0, None)
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(output_dir: str):
+    """(epoch, path) of the newest checkpoint in a run folder, or (0, None)."""
+    return (checkpoints(output_dir) or [(0, None)])[0]
+
+
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def load_model_file(path: str):
+    """A saved Keras model; a file that cannot be read raises `RunError` naming it."""
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:  # Keras reports a damaged zip as many error types, some misleading
+        raise RunError(f"{path} is not a readable Keras model ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else 'no details'})") from e
+
+
+def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print):
+    """(epoch, model) of the newest checkpoint that loads, or (0, None) if there is none.
+
+    A newer checkpoint that cannot be read (e.g. truncated when the machine stopped) is
+    named in a warning and renamed `*.keras.unreadable` (kept, never tried again) once an
+    older one loads; if none loads, `RunError` lists them and nothing is renamed."""
+    found, unreadable = checkpoints(output_dir), []
+    for epoch, path in found:
+        try:
+            model = load_model_file(path)
+        except RunError as e:
+            log(f"warning: {e}; trying the previous checkpoint")
+            unreadable.append(path)
+            continue
+        for bad in unreadable:
+            os.replace(bad, bad + UNREADABLE_SUFFIX)
+            log(f"warning: kept the unreadable {bad} as {bad + UNREADABLE_SUFFIX}")
+        log(f"resuming from {path} (epoch {epoch})")
+        return epoch, model
+    if found:
+        raise RunError(f"no checkpoint in {output_dir}/checkpoints can be read ({', '.join(unreadable)}): "
+                       "check the Keras version (config.json records the one that wrote them), or start "
+                       "the run in a new --output_dir")
+    return 0, None
 
 
 def check_run_folder(config: RunConfig):
@@ -235,7 +309,7 @@ def load_run(run_dir: str):
                        "config.json: pass the --output_dir of a tools/train.py run")
     with open(record_path) as f:
         record = json.load(f)
-    return keras.saving.load_model(model_path), record
+    return load_model_file(model_path), record
 
 
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models.BalPoEModel,
@@ -256,12 +330,24 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
         "optimizer": keras.saving.serialize_keras_object(model.optimizer),
         "model": model.get_config(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                     "balpoe_tf": __version__},
+                     "balpoe_tf": __version__, "commit": source_commit()},
     }
     write_json(_config_path(config.output_dir), record, default=str)
     with open(os.path.join(config.output_dir, "flags.txt"), "w") as f:
         f.write(config_to_flags(config))
     return record
+
+
+def source_commit():
+    """The git commit of the checkout this package runs from ("-dirty" when it has
+    uncommitted changes), or None outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], capture_output=True,
+                                text=True, timeout=30, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and commit else None
 
 
 def config_to_flags(config: RunConfig) -> str:
@@ -301,6 +387,38 @@ class EpochCheckpoint(keras.callbacks.Callback):
         _save_atomic(self.model, os.path.join(self.output_dir, CHECKPOINT_PATTERN.format(done)))
         for path in sorted(glob.glob(os.path.join(self.output_dir, "checkpoints", "epoch_*.keras")))[:-self.keep]:
             os.remove(path)
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss, or at an epoch end whose weights are
+    not all finite (before the checkpoint of that epoch is written), by raising
+    `TrainingDiverged` with the epoch, step and learning rate: a diverged model is never
+    checkpointed, evaluated or exported."""
+
+    def __init__(self, schedule, output_dir):
+        super().__init__()
+        self.schedule, self.output_dir = schedule, output_dir
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def _stop(self, what, where):
+        _, checkpoint = latest_checkpoint(self.output_dir)
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
+        lr = float(self.schedule.epoch_lr(self.epoch))
+        raise training.TrainingDiverged(
+            f"training diverged at epoch {self.epoch + 1}, {where} (LR {lr:.4g}): {what}; {kept}; nothing "
+            "was evaluated or exported. Start again with a lower --lr (or a longer --warmup_epochs) in a new "
+            "--output_dir.")
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._stop(f"the loss is {float(loss)}", f"step {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not all(np.isfinite(w).all() for w in self.model.get_weights()):
+            self._stop("the weights are not all finite", "its end")
 
 
 class ProgressLine(keras.callbacks.Callback):
@@ -395,9 +513,6 @@ class BalPoETensorBoard(keras.callbacks.Callback):
 # Training.
 
 
-STRATEGIES = ("auto", "mirrored", "multi_worker", "none")
-
-
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy named by --strategy."""
     if name == "auto":
@@ -452,8 +567,6 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     config = _worker_config(config, strategy)
     if not config.dry_run:
         check_run_folder(config)
-    if config.precision not in PRECISIONS:
-        raise RunError(f"unknown --precision {config.precision!r}; choose from {PRECISIONS}")
     keras.mixed_precision.set_global_policy(config.precision)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -463,12 +576,9 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     log(f"data {data.name}: {len(data.train)} training images in {data.num_classes} classes "
         f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
 
-    start_epoch, checkpoint = (0, None) if config.dry_run else latest_checkpoint(config.output_dir)
     with strategy.scope():
-        if checkpoint:
-            model = keras.saving.load_model(checkpoint)
-            log(f"resuming from {checkpoint} (epoch {start_epoch})")
-        else:
+        start_epoch, model = (0, None) if config.dry_run else load_latest_checkpoint(config.output_dir, log)
+        if model is None:
             model = build_model(config, data, steps)
     schedule = lr_schedule(model)
     log(f"model {config.backbone} x {config.num_experts} experts, lambdas {config.lambdas}, "
@@ -492,6 +602,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
         callbacks = [
             keras.callbacks.TensorBoard(log_dir, write_graph=False),
             BalPoETensorBoard(log_dir, schedule, _hparams(config)),
+            DivergenceGuard(schedule, config.output_dir),  # before the checkpoint of the epoch
             EpochCheckpoint(config.output_dir, config.checkpoint_every, config.epochs),
             ProgressLine(len(data.train), config.epochs, schedule, log),
         ]

@@ -21,10 +21,14 @@ import keras
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf.cli import config_field
+from balpoe_tf.config import NON_EMPTY, at_least, config_field, greater_than, validate
 from balpoe_tf.data import PRIOR_FLOOR
 
 SIGNATURES = ("serving_default", "predict_tensor", "predict_with_prior", "predict_with_log_prior")
+
+# Images above this many pixels are refused before decoding: decoding and resizing a
+# 40-megapixel image takes about 1 GB (measured: 8000 x 8000 with a centre crop, 1.5 GB).
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def next_version(export_dir: str) -> int:
@@ -34,7 +38,7 @@ def next_version(export_dir: str) -> int:
 
 
 def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: float, top_k: int = 5,
-                      test_crop: float = 0.0):
+                      test_crop: float = 0.0, max_pixels: int = MAX_IMAGE_PIXELS):
     """The four serving functions of `model` (see the module docstring).
 
     Args:
@@ -45,6 +49,7 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
         mean_lambda: the ensemble's mean lambda.
         top_k: how many classes the top-k outputs hold (at most C).
         test_crop: the run's test-time centre-crop fraction (`LabeledData.test_crop`).
+        max_pixels: larger images are refused from their header, before decoding.
 
     Returns:
         `{signature name: (function, input signature)}`.
@@ -71,10 +76,19 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
             logits, experts = logits + bias, experts + bias
         return outputs(logits, experts)
 
+    def decode_one(contents):
+        checks = [
+            tf.debugging.assert_positive(tf.strings.length(contents), message="an image is empty (0 bytes)"),
+            tf.debugging.assert_less_equal(
+                lt_data.image_pixels(contents), tf.constant(max_pixels, tf.int64),
+                message=f"an image has more than {max_pixels:,} pixels (x: its width x height): "
+                        "downscale it before sending"),
+        ]
+        with tf.control_dependencies(checks):
+            return lt_data.test_transform(tf.identity(contents), shape, test_crop)
+
     def decode(images):
-        pixels = tf.map_fn(lambda b: lt_data.test_transform(b, shape, test_crop), images,
-                           fn_output_signature=tf.TensorSpec(shape, tf.float32))
-        return normalize(pixels)
+        return normalize(tf.map_fn(decode_one, images, fn_output_signature=tf.TensorSpec(shape, tf.float32)))
 
     def check_length(prior):
         return tf.debugging.assert_equal(tf.size(prior), num_classes,
@@ -109,24 +123,25 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
 
 
 def export_saved_model(model, export_dir: str, mean, std, class_names, train_counts,
-                       mean_lambda: float, top_k: int = 5, test_crop: float = 0.0) -> str:
+                       mean_lambda: float, top_k: int = 5, test_crop: float = 0.0,
+                       max_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Write the next version of `model` under `export_dir`; returns its folder."""
     path = os.path.join(export_dir, str(next_version(export_dir)))
     archive = keras.export.ExportArchive()
     archive.track(model)
     for name, (fn, signature) in serving_functions(model, mean, std, class_names, train_counts,
-                                                   mean_lambda, top_k, test_crop).items():
+                                                   mean_lambda, top_k, test_crop, max_pixels).items():
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(path, verbose=False)
     return path
 
 
-def export_run(model, record: dict, export_dir: str, top_k: int = 5) -> str:
+def export_run(model, record: dict, export_dir: str, top_k: int = 5, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Export a run from its model and run record (config.json of tools/train.py)."""
     data = record["data"]
     return export_saved_model(model, export_dir, data["mean"], data["std"], data["class_names"],
                               data["train_counts"], float(np.mean(record["config"]["lambdas"])), top_k,
-                              data.get("test_crop", 0.0))
+                              data.get("test_crop", 0.0), max_pixels)
 
 
 
@@ -134,17 +149,24 @@ def export_run(model, record: dict, export_dir: str, top_k: int = 5) -> str:
 class ExportConfig:
     """Settings of tools/export.py (each field is a flag)."""
 
-    run_dir: str = config_field("", "Run folder of tools/train.py (its model.keras or last checkpoint).")
+    run_dir: str = config_field("", "Run folder of tools/train.py (its model.keras or last checkpoint).",
+                                NON_EMPTY)
     export_dir: str = config_field("", "Where the versions go (default RUN_DIR/export).")
-    top_k: int = config_field(5, "How many classes the top-k outputs hold.")
+    top_k: int = config_field(5, "How many classes the top-k outputs hold (at most the class count).",
+                              at_least(1))
+    max_image_megapixels: float = config_field(MAX_IMAGE_PIXELS / 1e6, "Image-bytes signatures refuse larger "
+                                               "images (read from the header, before decoding).",
+                                               greater_than(0))
+
+    def __post_init__(self):
+        validate(self)
 
 
 def export_from_config(config: ExportConfig, log=print) -> str:
-    from balpoe_tf.experiment import RunError, load_run
+    from balpoe_tf.experiment import load_run
 
-    if not config.run_dir:
-        raise RunError("--run_dir is required: the output folder of a tools/train.py run")
     model, record = load_run(config.run_dir)
-    path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k)
+    path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k,
+                      int(config.max_image_megapixels * 1e6))
     log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)})")
     return path

@@ -8,6 +8,11 @@ import tensorflow as tf
 from keras import ops
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; the message says where (epoch,
+    step, learning rate) and which checkpoint is the last good one."""
+
+
 @keras.saving.register_keras_serializable("balpoe_tf")
 class SGDWithL2(keras.optimizers.Optimizer):
     """SGD with momentum and L2 weight decay, with PyTorch's `torch.optim.SGD` semantics.

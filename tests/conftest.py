@@ -1,10 +1,30 @@
 """Shared test setup: TensorFlow defaults first, tiny datasets, no downloads."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
+from absl import flags
 
 import balpoe_tf  # noqa: F401  (sets TF env before TensorFlow loads)
+from balpoe_tf import cli
 from balpoe_tf import data as lt_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_config(config_class, *args):
+    """`config_class` filled from command-line flags, as a tool would fill it."""
+    values = flags.FlagValues()
+    cli.define_flags(config_class, values)
+    cwd = os.getcwd()
+    os.chdir(REPO)  # flag files include others by paths relative to the project's root
+    try:
+        values(["tool", *args])
+    finally:
+        os.chdir(cwd)
+    return cli.config_from_flags(config_class, values)
 
 
 def synthetic_data(num_classes=4, per_class=12, test_per_class=3, size=8, channels=3,

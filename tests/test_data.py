@@ -110,6 +110,42 @@ def test_npz_source(tmp_path):
         lt_data.load_npz(str(tmp_path / "missing.npz"))
 
 
+def test_npz_that_is_not_an_archive_is_named(tmp_path):
+    text = tmp_path / "notes.npz"
+    text.write_text("x_train,y_train\n")
+    with pytest.raises(lt_data.DataError, match=f"{text} is not an .npz archive \\(it starts with b'x_train,'"):
+        lt_data.load_npz(str(text))
+    single = tmp_path / "single.npz"
+    with open(single, "wb") as f:
+        np.save(f, np.zeros(3))  # one .npy array under an .npz name
+    with pytest.raises(lt_data.DataError, match="single.npz is not an .npz archive"):
+        lt_data.load_npz(str(single))
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, x_train=np.array([None, 1], dtype=object), y_train=[0], x_test=[0], y_test=[0])
+    with pytest.raises(lt_data.DataError, match="objects.npz: an array cannot be read"):
+        lt_data.load_npz(str(objects))
+
+
+def test_float_images_are_refused_unless_whole_pixel_values(caplog):
+    images = np.random.RandomState(0).randint(0, 256, (4, 8, 8, 3))
+    labels = np.array([0, 1, 0, 1])
+    with pytest.raises(lt_data.DataError, match=r"t x_train: images are float32 in \[0, 1\], but uint8 "
+                                                r"pixels 0..255 are expected: save \(x \* 255\)"):
+        lt_data.from_arrays("t", (images / 255.0).astype(np.float32), labels, images, labels)
+    with pytest.raises(lt_data.DataError, match="t x_test: images are float64 with fractional values"):
+        lt_data.from_arrays("t", images, labels, images + 0.5, labels)
+    with pytest.raises(lt_data.DataError, match="NaN or infinite"):
+        lt_data.from_arrays("t", images, labels, np.full(images.shape, np.nan), labels)
+    with caplog.at_level("WARNING"):
+        data = lt_data.from_arrays("t", images.astype(np.float64), labels, images.astype(np.int32), labels)
+    assert data.train.images.dtype == np.uint8 and (data.train.images == images).all()
+    assert "t x_train: float64 images hold whole numbers in [0, 255]; read as uint8 pixels" in caplog.text
+    assert "x_test" not in caplog.text  # integer arrays are cast without a word
+    with pytest.raises(lt_data.DataError, match=r"t y_train: labels must be integer class ids 0..C-1, got "
+                                                r"dtype float64 with values such as \[0.5"):
+        lt_data.from_arrays("t", images, labels + 0.5, images, labels)
+
+
 def _write_png(path, colour, size=10):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     image = np.full((size, size, 3), colour, np.uint8)

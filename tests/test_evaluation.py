@@ -7,6 +7,7 @@ import pytest
 
 from balpoe_tf import data as lt_data
 from balpoe_tf import evaluation, experiment
+from balpoe_tf.config import ConfigError
 
 CIFAR100_SIZES = {"forward50": 2486, "forward25": 2956, "forward10": 3876, "forward5": 4932,
                   "forward2": 7166, "uniform": 10000}
@@ -161,7 +162,7 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path):
 
     with pytest.raises(experiment.RunError, match="holds no trained model"):
         evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(tmp_path / "nothing")))
-    with pytest.raises(ValueError, match="unknown distribution"):
-        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), distributions="forward50,up"))
-    with pytest.raises(ValueError, match="unknown prior mode"):
-        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), priors="none,oracle"))
+    with pytest.raises(ConfigError, match="--distributions=forward50,up: must be 'all' or"):
+        evaluation.EvalConfig(run_dir=str(run), distributions="forward50,up")
+    with pytest.raises(ConfigError, match="--priors=none,oracle: must be a comma-separated list of one of"):
+        evaluation.EvalConfig(run_dir=str(run), priors="none,oracle")

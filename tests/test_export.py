@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, export
+from balpoe_tf import evaluation, experiment, export, models
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,34 @@ def test_saved_model_cli_lists_the_signatures(run):
 def test_export_tool_errors(tmp_path):
     with pytest.raises(experiment.RunError, match="holds no trained model"):
         export.export_from_config(export.ExportConfig(run_dir=str(tmp_path)))
+
+
+@pytest.fixture(scope="module")
+def rgb_export(tmp_path_factory):
+    """An untrained 3-channel model (8 x 8 inputs) exported as a SavedModel."""
+    model = models.BalPoEModel(10, num_experts=1, backbone="resnet8", input_shape=(8, 8, 3))
+    path = export.export_saved_model(model, str(tmp_path_factory.mktemp("rgb")), lt_data.CIFAR_MEAN,
+                                     lt_data.CIFAR_STD, [str(c) for c in range(10)], [10] * 10, 0.0)
+    return tf.saved_model.load(path).signatures["serving_default"]
+
+
+def test_unusual_image_bytes_are_served_or_refused_by_name(rgb_export):
+    serve = lambda *images: rgb_export(images=tf.constant(list(images)))["logits"].numpy()  # noqa: E731
+    rgb = np.random.RandomState(0).randint(0, 256, (16, 12, 3)).astype(np.uint8)
+    gray = rgb[..., :1]
+    expected = serve(_png(rgb))
+    # Grayscale is replicated to RGB, alpha is dropped, 16 bits are scaled to 8.
+    np.testing.assert_allclose(serve(_png(gray)), serve(_png(np.repeat(gray, 3, axis=-1))), atol=1e-5)
+    np.testing.assert_allclose(serve(_png(np.concatenate([rgb, np.full_like(gray, 77)], -1))), expected, atol=1e-5)
+    np.testing.assert_allclose(serve(_png(tf.constant(rgb.astype(np.uint16) * 257))), expected, atol=1e-5)
+    large = np.random.RandomState(1).randint(0, 256, (1500, 2000, 3)).astype(np.uint8)
+    np.testing.assert_allclose(serve(_png(large)), serve(_png(tf.image.resize(large, (8, 8), antialias=True)
+                                                             .numpy().round().astype(np.uint8))), atol=1e-4)
+
+    jpeg = tf.io.encode_jpeg(rgb).numpy()
+    huge = _png(tf.zeros([8000, 8000, 1], tf.uint8))  # 64 megapixels in 80 KB: refused from its header
+    for contents, message in [(b"", "an image is empty"), (jpeg[:len(jpeg) // 2], "Invalid JPEG data"),
+                              (huge, "an image has more than 40,000,000 pixels")]:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            serve(_png(rgb), contents)
+    np.testing.assert_allclose(serve(_png(rgb)), expected)  # still serving

@@ -1,0 +1,94 @@
+"""Settings as dataclasses whose fields carry their flag's help text and valid values.
+
+A field made with `config_field(default, help, check)` becomes one absl flag of a tool
+(`cli.define_flags`) and is checked whenever the dataclass is made (`validate`), so a bad
+value is refused before any work, from the command line and from Python alike.
+"""
+
+import dataclasses
+import math
+import numbers
+from typing import Callable, Optional, Sequence
+
+
+class ConfigError(ValueError):
+    """A setting has a value outside its valid range; the message names the flag, the
+    value and what it may be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A rule for one setting: `ok(value)` says whether it holds, `rule` says it in words
+    ("an integer >= 1"), as the error message shows it."""
+
+    ok: Callable[[object], bool]
+    rule: str
+
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low) -> Check:
+    return Check(lambda v: _finite(v) and v >= low, f">= {low:g}")
+
+
+def greater_than(low) -> Check:
+    return Check(lambda v: _finite(v) and v > low, f"> {low:g}")
+
+
+def between(low, high, open_high=False) -> Check:
+    if open_high:
+        return Check(lambda v: _finite(v) and low <= v < high, f"in [{low:g}, {high:g})")
+    return Check(lambda v: _finite(v) and low <= v <= high, f"in [{low:g}, {high:g}]")
+
+
+def one_of(choices: Sequence[str]) -> Check:
+    choices = tuple(choices)
+    return Check(lambda v: v in choices, "one of " + ", ".join(choices))
+
+
+def each(check: Check) -> Check:
+    """Every item of a list follows `check` (an empty list passes)."""
+    return Check(lambda values: all(check.ok(v) for v in values), f"a list of values each {check.rule}")
+
+
+def either(value, check: Check, meaning: str) -> Check:
+    """`value` itself (with its `meaning`), or anything `check` accepts."""
+    return Check(lambda v: v == value or check.ok(v), f"{value:g} ({meaning}) or {check.rule}")
+
+
+NON_EMPTY = Check(lambda v: bool(str(v).strip()), "a non-empty value")
+FINITE = Check(_finite, "a finite number")
+
+
+def config_field(default, help_text: str, check: Optional[Check] = None):
+    """A config dataclass field with the help text of its flag and the rule its value follows."""
+    metadata = {"help": help_text, "check": check}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_value(value) -> str:
+    """A value as it is written on the command line."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(flag_value(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def refuse(name: str, value, rule: str):
+    """Raise the one-line error for flag `name` holding `value` that breaks `rule`."""
+    raise ConfigError(f"--{name}={flag_value(value)}: must be {rule}")
+
+
+def validate(config):
+    """Check every field of a config dataclass against its rule; raise `ConfigError` for
+    the first that breaks it."""
+    for field in dataclasses.fields(config):
+        check = field.metadata.get("check")
+        value = getattr(config, field.name)
+        if check is not None and not check.ok(value):
+            refuse(field.name, value, check.rule)
