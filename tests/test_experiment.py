@@ -12,16 +12,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 
-from balpoe_tf import cli, experiment
+from balpoe_tf import experiment
 from balpoe_tf import data as lt_data
+from conftest import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.flags")))
-# The demo config, made tiny: 3 epochs, no baselines.
-TINY = ["--flagfile=configs/demo.flags", "--compare=", "--epochs=3", "--eval_every=1",
-        "--checkpoint_every=1", "--deterministic"]
+# The demo config, made tiny: 3 epochs, no LR decay, no baselines.
+TINY = ["--flagfile=configs/demo.flags", "--compare=", "--epochs=3", "--warmup_epochs=2", "--milestones=",
+        "--eval_every=1", "--checkpoint_every=1", "--deterministic"]
 
 
 def run_cli(*args, timeout=900):
@@ -31,18 +31,16 @@ def run_cli(*args, timeout=900):
 
 
 def parse(*args) -> experiment.RunConfig:
-    values = flags.FlagValues()
-    cli.define_flags(experiment.RunConfig, values)
-    values(["train.py", *args])
-    return cli.config_from_flags(experiment.RunConfig, values)
+    return parse_config(experiment.RunConfig, *args)
 
 
-def _balanced_cifar(num_classes, per_class=100):
+def _balanced_cifar(num_classes, per_class=100, shape=(32, 32, 3)):
     rng = np.random.RandomState(0)
     labels = np.repeat(np.arange(num_classes), per_class)
-    images = rng.randint(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+    images = rng.randint(0, 256, (len(labels), *shape), dtype=np.uint8)
+    stats = dict(mean=lt_data.CIFAR_MEAN, std=lt_data.CIFAR_STD) if shape[-1] == 3 else {}
     return lt_data.from_arrays(f"cifar{num_classes}", images, labels, images[::per_class],
-                               labels[::per_class], mean=lt_data.CIFAR_MEAN, std=lt_data.CIFAR_STD)
+                               labels[::per_class], **stats)
 
 
 def _config_groups():
@@ -115,10 +113,12 @@ def test_large_scale_configs_build_data_and_model(group, tmp_path):
 
 @pytest.mark.parametrize("group", sorted(set(CONFIG_GROUPS) - set(LARGE_SCALE)))
 def test_config_files_build_their_run(group, monkeypatch, tmp_path):
-    # CIFAR comes from TFDS, which tests never download: a generated balanced stand-in
-    # with 100 images per class (enough for IR 100) replaces it.
-    monkeypatch.setitem(lt_data.DATASETS, "cifar10", lambda o: _balanced_cifar(10))
-    monkeypatch.setitem(lt_data.DATASETS, "cifar100", lambda o: _balanced_cifar(100))
+    # CIFAR comes from TFDS (or an image folder), Fashion-MNIST from a Debian package, none of
+    # which tests have: generated balanced stand-ins with 100 images per class (enough for IR
+    # 100) replace them.
+    for name, classes in (("cifar10", 10), ("cifar100", 100), ("folder", 10)):
+        monkeypatch.setitem(lt_data.DATASETS, name, lambda o, c=classes: _balanced_cifar(c))
+    monkeypatch.setitem(lt_data.DATASETS, "idx", lambda o: _balanced_cifar(10, shape=(28, 28, 1)))
     paths = CONFIG_GROUPS[group]
     for path in paths:
         config = parse(f"--flagfile={path}", f"--output_dir={tmp_path}", "--dry_run")
@@ -235,6 +235,47 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
 
 
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    config = parse(*TINY, f"--output_dir={tmp_path / 'run'}", "--noexport")
+    experiment.train(config, log=lambda line: None)
+    _, uninterrupted = _weights(tmp_path / "run" / "model.keras")
+    newest = tmp_path / "run" / "checkpoints" / "epoch_0003.keras"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a machine stopping mid-write
+    os.remove(tmp_path / "run" / "model.keras")
+
+    lines = []
+    experiment.train(config, log=lines.append)
+    assert any(line.startswith(f"warning: {newest} is not a readable Keras model") for line in lines), lines
+    assert f"resuming from {newest.parent / 'epoch_0002.keras'} (epoch 2)" in lines
+    assert (tmp_path / "run" / "checkpoints" / "epoch_0003.keras.unreadable").stat().st_size == 1000  # kept
+    _, resumed = _weights(tmp_path / "run" / "model.keras")
+    for x, y in zip(uninterrupted, resumed):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+    for path in (tmp_path / "run" / "checkpoints").glob("epoch_*.keras"):
+        path.write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(experiment.RunError, match="no checkpoint in .* can be read"):
+        experiment.train(config, log=lambda line: None)
+    assert len(list((tmp_path / "run" / "checkpoints").glob("epoch_*.keras"))) == 2  # nothing renamed
+
+
+def test_diverged_run_stops_keeps_the_last_good_checkpoint_and_reports_nothing(tmp_path):
+    out = tmp_path / "run"
+    # LR x 1e8 from epoch 3 (0-based 2) on: epochs 1 and 2 train normally, then the loss explodes.
+    result = run_cli(*TINY, "--epochs=4", "--warmup_epochs=0", "--milestones=2", "--gamma=1e8",
+                     f"--output_dir={out}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "Traceback" not in result.stderr
+    assert "training diverged at epoch 3, step " in error[0] and "(LR 1e+07)" in error[0]
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'epoch_0002.keras'}" in error[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001.keras", "epoch_0002.keras"]
+    model, weights = _weights(out / "checkpoints" / "epoch_0002.keras")
+    assert all(np.isfinite(w).all() for w in weights) and int(model.optimizer.iterations) == 2 * 8
+    for name in ("model.keras", "results.json", "results.md", "export", "reliability_diagram.png"):
+        assert not (out / name).exists(), name
+
+
 def test_same_seed_gives_identical_weights(tmp_path):
     for name in ("a", "b"):
         result = run_cli(*TINY, "--epochs=2", "--augment=cifar", f"--output_dir={tmp_path / name}")
@@ -253,12 +294,12 @@ def test_clear_errors(tmp_path):
     result = run_cli("--dataset=cifar100", f"--data_dir={tmp_path}", "--dry_run")
     assert result.returncode == 2 and "not available offline" in result.stderr and "--data_dir" in result.stderr
     result = run_cli("--flagfile=configs/demo.flags", "--lambdas=1,0", "--dry_run")
-    assert result.returncode == 2 and "2 lambda value(s) [1.0, 0.0] for 3 experts" in result.stderr
+    assert result.returncode == 2 and "--lambdas=1,0: must be one value per expert: 3" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_incompatible_run_folder_is_refused(tmp_path):
-    config = parse(*TINY, "--epochs=1", f"--output_dir={tmp_path}")
+    config = parse(*TINY, "--epochs=1", "--warmup_epochs=1", f"--output_dir={tmp_path}")
     experiment.train(config, log=lambda line: None)
     with pytest.raises(experiment.RunError, match="checkpoint of a different run.*--lambdas"):
         experiment.check_run_folder(dataclasses.replace(config, lambdas=[0.0, 0.0, 0.0]))

@@ -1,0 +1,269 @@
+"""The paper's comparison as a set of resumable runs, and its report at any moment.
+
+A reproduction is one BalPoE run configuration (a flag file, on any data source) and the
+methods trained like it: BalPoE, balanced softmax (BS, lambda 0), BalPoE without mixup,
+cross-entropy (CE) and the uniform ensemble, for one or more seeds, each in
+`RUN_ROOT/seed<S>/<method>`. Training goes method by method and resumes from the last
+checkpoint; the report covers what exists: finished runs with every metric (balanced and
+shifted test sets, three test-time priors, experts, wall time), unfinished ones with the
+epoch they reached.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+
+import tensorflow as tf
+
+from balpoe_tf import evaluation, experiment
+from balpoe_tf.config import NON_EMPTY, Check, at_least, config_field, each, one_of, validate
+
+# Method -> (title in tables, baseline of `experiment.BASELINES` trained like the BalPoE run).
+METHODS = {
+    "balpoe": ("BalPoE", None),
+    "bs": ("BS (lambda 0)", "bs"),
+    "balpoe_no_mixup": ("BalPoE, no mixup", "erm"),
+    "ce": ("CE", "ce"),
+    "uniform": ("uniform ensemble", "uniform"),
+}
+# Balanced-test metrics of the summary, in percent except NLL.
+SUMMARY_METRICS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
+PRIOR_MODES = ("none", "known", "estimated")
+
+
+def method_config(base: experiment.RunConfig, method: str, seed: int, run_root: str) -> experiment.RunConfig:
+    """The config of `method` for `seed`: the BalPoE run `base` or one of its baselines."""
+    if method not in METHODS:
+        raise experiment.RunError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    baseline = METHODS[method][1]
+    config = base if baseline is None else experiment.baseline_config(base, baseline)
+    return dataclasses.replace(config, seed=seed, compare=[],
+                               output_dir=os.path.join(run_root, f"seed{seed}", method))
+
+
+def run_status(config: experiment.RunConfig) -> dict:
+    """`{"finished": bool, "epoch": epochs done}` of a run folder."""
+    finished = os.path.isfile(os.path.join(config.output_dir, "results.json"))
+    epoch = config.epochs if finished else experiment.latest_checkpoint(config.output_dir)[0]
+    return {"finished": finished, "epoch": epoch, "epochs": config.epochs}
+
+
+def training_time(run_dir: str) -> dict:
+    """Wall-clock seconds of training (with its periodic evaluations) and epochs trained,
+    from the run's TensorBoard files: each process that trained writes its own file, whose
+    first event is written when training starts and which gets one `epoch_loss` per epoch,
+    so a resumed run's downtime is not counted."""
+    seconds, epochs = 0.0, 0
+    for path in glob.glob(os.path.join(run_dir, "tensorboard", "train", "events.*")):
+        start, ends = None, []
+        for event in tf.compat.v1.train.summary_iterator(path):
+            if start is None:
+                start = event.wall_time
+            if any(v.tag == "epoch_loss" for v in event.summary.value):
+                ends.append(event.wall_time)
+        if ends:
+            seconds += ends[-1] - start
+            epochs += len(ends)
+    return {"seconds": seconds, "epochs_timed": epochs}
+
+
+def evaluate_run(run_dir: str, log: Callable[[str], None] = print) -> dict:
+    """Results and details of `evaluation.evaluate_runs` for one finished run, kept in
+    RUN/evaluation/evaluation.json and reused while it is newer than the model."""
+    out = os.path.join(run_dir, "evaluation")
+    cached = os.path.join(out, "evaluation.json")
+    name = os.path.basename(os.path.normpath(run_dir))
+    model = os.path.join(run_dir, "model.keras")
+    if not (os.path.isfile(cached) and os.path.getmtime(cached) > os.path.getmtime(model)):
+        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=run_dir, priors=",".join(PRIOR_MODES),
+                                                       output_dir=out), log=lambda line: None)
+        log(f"evaluated {run_dir}")
+    with open(cached) as f:
+        saved = json.load(f)
+    return {"results": saved["results"][name], "details": saved["details"][name]}
+
+
+def collect(base: experiment.RunConfig, methods: Sequence[str], seeds: Sequence[int], run_root: str,
+            log: Callable[[str], None] = print) -> List[dict]:
+    """One entry per (method, seed): status, and for finished runs the evaluation, the run
+    record's commit and the training time."""
+    entries = []
+    for seed in seeds:
+        for method in methods:
+            config = method_config(base, method, seed, run_root)
+            entry = {"method": method, "seed": seed, "run_dir": config.output_dir, **run_status(config)}
+            if entry["finished"]:
+                with open(os.path.join(config.output_dir, "config.json")) as f:
+                    record = json.load(f)
+                entry.update(evaluate_run(config.output_dir, log))
+                entry["commit"] = record["versions"].get("commit")
+                entry["train_size"] = record["data"]["train_size"]
+                entry["time"] = training_time(config.output_dir)
+            entries.append(entry)
+    return entries
+
+
+def _pct(value) -> str:
+    return experiment.percent(value)
+
+
+def _balanced(entry: dict) -> dict:
+    return entry["results"]["uniform"]["none"]
+
+
+def summary_row(entry: dict) -> dict:
+    """The benchmark record of one run: balanced-test metrics (percent; NLL as is), epochs,
+    seed, commit and wall-clock hours; an unfinished run has its status only."""
+    row = {"method": entry["method"], "seed": entry["seed"], "epochs": entry["epochs"],
+           "finished": entry["finished"], "epochs_done": entry["epoch"]}
+    if not entry["finished"]:
+        return row
+    metrics = _balanced(entry)
+    for key in SUMMARY_METRICS:
+        value = metrics[key]
+        row[key.replace("_accuracy", "")] = (None if value is None or np.isnan(value)
+                                             else round(value if key == "nll" else 100 * value, 2))
+    time = entry["time"]
+    row.update(commit=entry["commit"], wall_clock_hours=round(time["seconds"] / 3600, 4),
+               images_per_s=round(entry["train_size"] * time["epochs_timed"] / max(time["seconds"], 1e-9), 1))
+    return row
+
+
+ORDERINGS = {
+    "BalPoE > BS > CE in balanced accuracy": (("balpoe", "bs", "ce"),
+                                              lambda r: r["balpoe"]["accuracy"] > r["bs"]["accuracy"]
+                                              > r["ce"]["accuracy"]),
+    "BalPoE without mixup > BS > CE in balanced accuracy": (
+        ("balpoe_no_mixup", "bs", "ce"),
+        lambda r: r["balpoe_no_mixup"]["accuracy"] > r["bs"]["accuracy"] > r["ce"]["accuracy"]),
+    "mixup lowers BalPoE's ECE": (("balpoe", "balpoe_no_mixup"),
+                                  lambda r: r["balpoe"]["ece"] < r["balpoe_no_mixup"]["ece"]),
+    "BalPoE > uniform ensemble in balanced accuracy": (("balpoe", "uniform"),
+                                                       lambda r: r["balpoe"]["accuracy"] > r["uniform"]["accuracy"]),
+}
+
+
+def orderings(entries: Sequence[dict]) -> List[str]:
+    """Plain statements of whether the paper's orderings hold, over the seeds where every
+    method they compare has finished."""
+    by_seed: Dict[int, dict] = {}
+    for e in entries:
+        if e["finished"]:
+            by_seed.setdefault(e["seed"], {})[e["method"]] = _balanced(e)
+    lines = []
+    for text, (needed, holds) in ORDERINGS.items():
+        seeds = [r for r in by_seed.values() if all(m in r for m in needed)]
+        if not seeds:
+            continue
+        count = sum(holds(r) for r in seeds)
+        verdict = "holds" if count == len(seeds) else "does not hold" if count == 0 else "mixed"
+        lines.append(f"- {text}: {verdict} (in {count} of {len(seeds)} seeds)")
+    return lines
+
+
+def report(entries: Sequence[dict], title: str) -> List[str]:
+    """Markdown lines: status and balanced-test metrics of every run, mean ± std over the
+    finished seeds, orderings, shifted test sets (mean over seeds, three priors) and the
+    experts with the prior/KL diagnostic."""
+    lines = [f"## {title}", "", "Balanced test set (%, NLL as is). Wall time is training with its periodic "
+             "evaluations; images/s is training images x epochs / wall time.", "",
+             "| method | seed | status | accuracy | many | medium | few | ECE | MCE | NLL | conf − acc | hours | "
+             "images/s | commit |", "|" + "---|" * 14]
+    for e in entries:
+        status = "finished" if e["finished"] else (f"unfinished: epoch {e['epoch']}/{e['epochs']}" if e["epoch"]
+                                                   else "not started")
+        cells = [METHODS[e["method"]][0], str(e["seed"]), status]
+        if e["finished"]:
+            row, m = summary_row(e), _balanced(e)
+            cells += [_pct(m[k]) for k in SUMMARY_METRICS[:-1]] + [f"{m['nll']:.3f}", _pct(m["overconfidence"]),
+                      f"{row['wall_clock_hours']:.2f}", f"{row['images_per_s']:.0f}", str(e["commit"])[:10]]
+        else:
+            cells += [""] * 11
+        lines.append("| " + " | ".join(cells) + " |")
+
+    finished: Dict[str, list] = {}
+    for e in entries:
+        if e["finished"]:
+            finished.setdefault(e["method"], []).append(e)
+    if not finished:
+        return lines + ["", "No run has finished yet."]
+    if any(len(runs) > 1 for runs in finished.values()):
+        lines += ["", "Mean ± standard deviation over the finished seeds.", "",
+                  "| method | seeds | accuracy | many | medium | few | ECE | MCE |", "|" + "---|" * 8]
+        for method, runs in finished.items():
+            mean, std = evaluation.mean_over_seeds([_balanced(e) for e in runs])
+            cells = [f"{_pct(mean[k])} ± {100 * std[k]:.1f}" if not np.isnan(std[k]) else _pct(mean[k])
+                     for k in SUMMARY_METRICS[:-1]]
+            lines.append(f"| {METHODS[method][0]} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", *orderings(entries), "",
+              "Accuracy (%) on the shifted test sets, mean over the finished seeds: no prior, the known test prior, "
+              "and the prior estimated by EM.", ""]
+    mean_results = {METHODS[m][0]: evaluation.mean_over_seeds([e["results"] for e in runs])[0]
+                    for m, runs in finished.items()}
+    lines += evaluation.accuracy_markdown(evaluation.accuracy_header(mean_results),
+                                          evaluation.accuracy_table(mean_results))
+    lines += ["", "Experts on the balanced test set (first finished seed): accuracy (%) and "
+                  "KL(target prior pi^lambda || mean predicted distribution).", "",
+              "| method | member | lambda | accuracy | KL |", "|---|---|---|---|---|"]
+    for method, runs in finished.items():
+        for member, v in runs[0]["details"]["experts"].items():
+            lines.append(f"| {METHODS[method][0]} | {member} | {v['lambda']:g} | {100 * v['accuracy']:.1f} | "
+                         f"{v['kl_target_to_marginal']:.4f} |")
+    return lines
+
+
+def write_report(entries: Sequence[dict], run_root: str, title: str) -> Dict[str, str]:
+    """RUN_ROOT/reproduce.md (the report) and reproduce.json (`summary` rows for benchmarks,
+    and every entry in full)."""
+    paths = {"markdown": os.path.join(run_root, "reproduce.md"), "json": os.path.join(run_root, "reproduce.json")}
+    os.makedirs(run_root, exist_ok=True)
+    with open(paths["markdown"], "w") as f:
+        f.write("\n".join(report(entries, title)) + "\n")
+    experiment.write_json(paths["json"], {"title": title, "summary": [summary_row(e) for e in entries],
+                                          "runs": list(entries)})
+    return paths
+
+
+@dataclasses.dataclass
+class ReproduceConfig:
+    """Settings of tools/reproduce.py besides the BalPoE run's own flags (each a flag)."""
+
+    methods: List[str] = config_field(["balpoe", "bs", "balpoe_no_mixup", "ce"], "Methods, trained in this "
+                                      "order.", Check(lambda v: bool(v) and each(one_of(METHODS)).ok(v),
+                                                      "a non-empty list of " + ", ".join(METHODS)))
+    seeds: List[int] = config_field([1], "Run seeds (each method is trained once per seed).",
+                                    Check(lambda v: bool(v) and each(at_least(0)).ok(v),
+                                          "a non-empty list of seeds >= 0"))
+    run_root: str = config_field("runs/reproduce", "Runs go to RUN_ROOT/seed<S>/<method>; the report to "
+                                 "RUN_ROOT/reproduce.{md,json}. --output_dir is not used.", NON_EMPTY)
+    train: bool = config_field(True, "Train (or resume) every run that has not finished; --notrain only "
+                                     "writes the report of what exists.")
+    title: str = config_field("", "Report title (default: dataset, imbalance ratio and epochs).")
+
+    def __post_init__(self):
+        validate(self)
+
+
+def reproduce(base: experiment.RunConfig, config: ReproduceConfig, log: Callable[[str], None] = print) -> list:
+    """Train every (seed, method) run that has not finished, one at a time (each resumes
+    from its last checkpoint), then write and print the report; returns its entries."""
+    if config.train:
+        for seed in config.seeds:
+            for method in config.methods:
+                run = method_config(base, method, seed, config.run_root)
+                if run_status(run)["finished"]:
+                    continue
+                log(f"=== {METHODS[method][0]}, seed {seed} -> {run.output_dir}")
+                experiment.train(run, log)
+    entries = collect(base, config.methods, config.seeds, config.run_root, log)
+    source = f"{base.dataset} {os.path.basename(os.path.normpath(base.data_path))}" if base.data_path else base.dataset
+    title = config.title or f"{source}, IR {base.imbalance_ratio:g}, {base.epochs} epochs"
+    paths = write_report(entries, config.run_root, title)
+    with open(paths["markdown"]) as f:
+        log(f.read())
+    log(f"report: {paths['markdown']}, {paths['json']}")
+    return entries

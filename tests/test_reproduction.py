@@ -1,0 +1,98 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.compat.proto import event_pb2, summary_pb2
+
+from balpoe_tf import experiment, reproduction
+
+
+def _base(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "unused"), dataset="digits", imbalance_ratio=10, augment="none",
+                    backbone="resnet8", epochs=2, batch_size=64, warmup_epochs=1, milestones=[], eval_every=2,
+                    checkpoint_every=1, export=False, deterministic=True)
+    return experiment.RunConfig(**{**settings, **overrides})
+
+
+def test_method_configs_change_only_what_makes_the_method(tmp_path):
+    base = _base(tmp_path, mixup_alpha=0.8)
+    bs = reproduction.method_config(base, "bs", 2, "root")
+    assert (bs.num_experts, bs.lambdas, bs.mixup_alpha, bs.seed, bs.output_dir) == (1, [0.0], 0.0, 2, "root/seed2/bs")
+    erm = reproduction.method_config(base, "balpoe_no_mixup", 1, "root")
+    assert (erm.num_experts, erm.lambdas, erm.mixup_alpha) == (3, [1.0, 0.0, -1.0], 0.0)
+    assert reproduction.method_config(base, "uniform", 1, "root").lambdas == [0.0, 0.0, 0.0]
+    ce = reproduction.method_config(base, "ce", 1, "root")
+    assert (ce.lambdas, ce.target_mean_lambda, ce.epochs, ce.lr) == ([1.0], 1.0, base.epochs, base.lr)
+    with pytest.raises(experiment.RunError, match="unknown method 'ldam'"):
+        reproduction.method_config(base, "ldam", 1, "root")
+
+
+def _write_events(path, records):
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for wall_time, tag in records:
+            event = event_pb2.Event(wall_time=wall_time, file_version="brain.Event:2" if tag is None else "")
+            if tag:
+                event.summary.CopyFrom(summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=1)]))
+            writer.write(event.SerializeToString())
+
+
+def test_training_time_sums_each_process_and_skips_downtime(tmp_path):
+    folder = tmp_path / "tensorboard" / "train"
+    folder.mkdir(parents=True)
+    # First process: starts at 100, epochs end at 130 and 160; the run is resumed at 1000, one epoch at 1040.
+    _write_events(folder / "events.out.tfevents.1", [(100, None), (130, "epoch_accuracy"), (130, "epoch_loss"),
+                                                     (160, "epoch_loss")])
+    _write_events(folder / "events.out.tfevents.2", [(1000, None), (1040, "epoch_loss")])
+    assert reproduction.training_time(str(tmp_path)) == {"seconds": 100.0, "epochs_timed": 3}
+
+
+def test_summary_row_by_hand():
+    metrics = {"accuracy": 0.84216, "many_accuracy": 0.9, "medium_accuracy": 0.8, "few_accuracy": float("nan"),
+               "ece": 0.0631, "mce": 0.158, "nll": 0.5123}
+    entry = {"method": "balpoe", "seed": 1, "epochs": 200, "epoch": 200, "finished": True, "commit": "abc",
+             "results": {"uniform": {"none": metrics}}, "train_size": 12406,
+             "time": {"seconds": 7200.0, "epochs_timed": 100}}
+    assert reproduction.summary_row(entry) == {
+        "method": "balpoe", "seed": 1, "epochs": 200, "finished": True, "epochs_done": 200, "accuracy": 84.22,
+        "many": 90.0, "medium": 80.0, "few": None, "ece": 6.31, "mce": 15.8, "nll": 0.51, "commit": "abc",
+        "wall_clock_hours": 2.0, "images_per_s": 172.3}
+    assert reproduction.summary_row({**entry, "finished": False, "epoch": 40}) == {
+        "method": "balpoe", "seed": 1, "epochs": 200, "finished": False, "epochs_done": 40}
+
+
+def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
+    base, root = _base(tmp_path), str(tmp_path / "root")
+    settings = reproduction.ReproduceConfig(methods=["balpoe", "bs"], seeds=[1], run_root=root, train=False)
+    reproduction.reproduce(base, settings, log=lambda line: None)
+    text = (tmp_path / "root" / "reproduce.md").read_text()
+    assert text.count("| not started |") == 2 and "No run has finished yet." in text
+
+    # An interrupted BalPoE run: one epoch checkpointed, nothing final.
+    balpoe = reproduction.method_config(base, "balpoe", 1, root)
+    experiment.train(balpoe, log=lambda line: None)
+    for name in ("results.json", "model.keras", "checkpoints/epoch_0002.keras"):
+        os.remove(os.path.join(balpoe.output_dir, name))
+    reproduction.reproduce(base, settings, log=lambda line: None)
+    assert "| BalPoE | 1 | unfinished: epoch 1/2 |" in (tmp_path / "root" / "reproduce.md").read_text()
+
+    lines = []
+    entries = reproduction.reproduce(base, reproduction.ReproduceConfig(
+        methods=["balpoe", "bs"], seeds=[1], run_root=root), log=lines.append)
+    assert "resuming from" in "\n".join(lines) and [e["finished"] for e in entries] == [True, True]
+    text = (tmp_path / "root" / "reproduce.md").read_text()
+    assert "| BalPoE | 1 | finished |" in text and "| BS (lambda 0) | 1 | finished |" in text
+    assert "| BalPoE | no prior |" in text and "| BS (lambda 0) | + prior estimated by EM |" in text
+    assert "| BalPoE | expert2 | -1 |" in text and "BalPoE > BS > CE" not in text  # CE was not run
+    summary = json.loads((tmp_path / "root" / "reproduce.json").read_text())["summary"]
+    assert [row["method"] for row in summary] == ["balpoe", "bs"]
+    for row in summary:
+        assert row["wall_clock_hours"] > 0 and row["images_per_s"] > 0 and 0 <= row["accuracy"] <= 100
+    assert os.path.isfile(os.path.join(balpoe.output_dir, "evaluation", "reliability_balpoe.png"))
+
+    lines = []
+    reproduction.reproduce(base, settings, log=lines.append)  # evaluations are reused
+    assert not any(line.startswith("evaluated") for line in lines)
+    assert np.isclose(json.loads((tmp_path / "root" / "reproduce.json").read_text())["summary"][0]["accuracy"],
+                      summary[0]["accuracy"])
