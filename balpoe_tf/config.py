@@ -23,6 +23,7 @@ class Check:
 
     ok: Callable[[object], bool]
     rule: str
+    choices: Optional[tuple] = None  # the allowed values, when they are a list
 
 
 def _finite(value) -> bool:
@@ -45,7 +46,7 @@ def between(low, high, open_high=False) -> Check:
 
 def one_of(choices: Sequence[str]) -> Check:
     choices = tuple(choices)
-    return Check(lambda v: v in choices, "one of " + ", ".join(choices))
+    return Check(lambda v: v in choices, "one of " + ", ".join(choices), choices)
 
 
 def each(check: Check) -> Check:

@@ -46,12 +46,15 @@ class Split:
     """One split of a dataset.
 
     Attributes:
-        images: `(N, H, W, C)` uint8 pixels, or `(N,)` image file paths.
+        images: `(N, H, W, C)` uint8 pixels, `(N,)` image file paths, or with `stream`
+            the `(N,)` positions of the split's records in the stream.
         labels: `(N,)` integer class ids.
+        stream: the TFDS records the images are read from, when they are not in memory.
     """
 
     images: np.ndarray
     labels: np.ndarray
+    stream: Optional["TfdsStream"] = None
 
     def __post_init__(self):
         if len(self.images) != len(self.labels):
@@ -62,13 +65,13 @@ class Split:
 
     @property
     def is_files(self) -> bool:
-        return self.images.ndim == 1
+        return self.images.ndim == 1 and self.stream is None
 
     def __len__(self):
         return len(self.labels)
 
     def take(self, indices: np.ndarray) -> "Split":
-        return Split(self.images[indices], self.labels[indices])
+        return Split(self.images[indices], self.labels[indices], self.stream)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,28 +325,133 @@ def _to_arrays(ds: tf.data.Dataset):
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
-def load_tfds(name: str, data_dir: Optional[str] = None, download: bool = False) -> LabeledData:
-    """CIFAR-10/100 (or any TFDS image-classification dataset with train/test splits)."""
+TFDS_PREFIX = "tfds:"
+# Streamed TFDS records are shuffled through a buffer this large (the records themselves
+# were shuffled by TFDS when it prepared them).
+STREAM_SHUFFLE_BUFFER = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsStream:
+    """The records of one prepared TFDS split, read in their file order with the images
+    still encoded (decoded, like image files, by the pipelines)."""
+
+    name: str
+    split: str
+    data_dir: Optional[str]
+    image_key: str
+    label_key: str
+    num_records: int
+
+    def records(self) -> tf.data.Dataset:
+        """`(position, encoded image, label)` of every record, always in the same order."""
+        import tensorflow_datasets as tfds
+
+        options = tf.data.Options()
+        options.deterministic = True  # the positions must name the same records every epoch
+        ds = tfds.builder(self.name, data_dir=self.data_dir).as_dataset(
+            split=self.split, shuffle_files=False, decoders={self.image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(options=options))
+        return ds.enumerate().map(lambda i, ex: (i, ex[self.image_key], tf.cast(ex[self.label_key], tf.int32)))
+
+
+def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
     import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         if download:
             builder.download_and_prepare()
-        (x_train, y_train), (x_test, y_test) = (
-            _to_arrays(builder.as_dataset(split=s, as_supervised=True)) for s in ("train", "test"))
+        return builder
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(f"TFDS has no dataset {name!r} ({e}): check the name (tfds.list_builders())") from e
+
+
+def _unavailable(name: str, data_dir: Optional[str], builder, error: Exception) -> DataError:
+    where = data_dir or os.path.join("~", "tensorflow_datasets")
+    command = f"tfds build {name} --data_dir={data_dir or 'DIR'}"
+    if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+        command += " --manual_dir=MANUAL` (MANUAL holding the archives TFDS asks for, downloaded by hand"
+    return DataError(
+        f"TFDS dataset {name!r} is not available offline in {where} ({error.__class__.__name__}). "
+        f"Provide it one of three ways: prepare it with TFDS where there is internet (`{command}`) and "
+        "pass --data_dir=DIR; save arrays to an .npz with x_train/y_train/x_test/y_test and use "
+        "--dataset=npz --data_path=FILE; or use --dataset=folder --data_path=DIR with train/ and test/ "
+        "class folders")
+
+
+def _feature_key(features, kind, given: str, what: str, flag: str) -> str:
+    """The feature named `given`, or the one feature of type `kind` (for a label, 'label' first)."""
+    if given:
+        if given not in features:
+            raise DataError(f"--{flag}={given}: the dataset has no such feature (it has {', '.join(features)})")
+        return given
+    found = [k for k, f in features.items() if isinstance(f, kind)]
+    if what == "label" and "label" in found:
+        return "label"
+    if len(found) != 1:
+        raise DataError(f"cannot tell which feature is the {what} (found {found or 'none'} among "
+                        f"{', '.join(features)}): pass --{flag}")
+    return found[0]
+
+
+def load_tfds(name: str, data_dir: Optional[str] = None, download: bool = False, split_train: str = "train",
+              split_test: str = "test", image_key: str = "", label_key: str = "", in_memory: str = "auto",
+              image_size: int = 32) -> LabeledData:
+    """Any TFDS image-classification dataset, prepared in `data_dir`.
+
+    Datasets whose images have one fixed shape (CIFAR, MNIST, ...) are loaded into memory
+    (`in_memory="auto"`); others (ImageNet-LT, iNaturalist) are streamed from TFDS's files,
+    their images decoded, resized or cropped to `image_size` by the pipelines as image files
+    are. Labels are read without decoding images.
+
+    Args:
+        name: the TFDS name (e.g. "cifar10", "imagenet_lt").
+        data_dir: TFDS data dir (default ~/tensorflow_datasets).
+        download: let TFDS download and prepare it (needs internet).
+        split_train, split_test: TFDS split names (slices like "train[:90%]" work).
+        image_key, label_key: the features ("" finds the Image and the ClassLabel feature).
+        in_memory: "auto", "yes" or "no".
+        image_size: side of streamed images after the test transform / crops.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(name, data_dir, download)
+    features = builder.info.features
+    image_key = _feature_key(features, tfds.features.Image, image_key, "image", "tfds_image_key")
+    label_key = _feature_key(features, tfds.features.ClassLabel, label_key, "label", "tfds_label_key")
+    shape = features[image_key].shape
+    memory = in_memory == "yes" or (in_memory == "auto" and None not in shape)
+    skip = {image_key: tfds.decode.SkipDecoding()}
+    known = set(builder.info.splits) if builder.info.splits else set()
+    for flag, split_name in (("tfds_split_train", split_train), ("tfds_split_test", split_test)):
+        base = split_name.split("[")[0].split("+")[0]
+        if known and base not in known:
+            raise DataError(f"--{flag}={split_name}: {name} has no split {base!r} (it has {', '.join(sorted(known))})")
+    try:
+        if memory:
+            arrays = [_to_arrays(builder.as_dataset(split=s, decoders=None).map(
+                lambda ex: (ex[image_key], ex[label_key]))) for s in (split_train, split_test)]
+        else:
+            labels = [np.concatenate([b for b in builder.as_dataset(split=s, shuffle_files=False, decoders=skip)
+                                      .map(lambda ex: ex[label_key]).batch(65536).as_numpy_iterator()] or
+                                     [np.zeros(0, np.int64)]) for s in (split_train, split_test)]
     except (AssertionError, tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
-        where = data_dir or os.path.join("~", "tensorflow_datasets")
-        raise DataError(
-            f"TFDS dataset {name!r} is not available offline in {where} ({e.__class__.__name__}). "
-            f"Provide it one of three ways: prepare it with TFDS where there is internet "
-            f"(`tfds build {name} --data_dir=DIR`) and pass --data_dir=DIR; save arrays to "
-            "an .npz with x_train/y_train/x_test/y_test and use --dataset=npz --data_path=FILE; "
-            "or use --dataset=folder --data_path=DIR with train/ and test/ class folders"
-        ) from e
-    names = builder.info.features["label"].names
-    mean, std = (CIFAR_MEAN, CIFAR_STD) if name.startswith("cifar") else (None, None)
-    return from_arrays(name, x_train, y_train, x_test, y_test, names, mean, std)
+        raise _unavailable(name, data_dir, builder, e) from e
+    names = features[label_key].names
+    if memory:
+        (x_train, y_train), (x_test, y_test) = arrays
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if name.startswith("cifar") else (None, None)
+        return from_arrays(name, x_train, y_train, x_test, y_test, names, mean, std)
+    splits = []
+    for split_name, y in zip((split_train, split_test), labels):
+        stream = TfdsStream(name, split_name, data_dir, image_key, label_key, len(y))
+        splits.append(Split(np.arange(len(y), dtype=np.int64), _class_ids(f"{name} {split_name}", y), stream))
+    _check_labels(splits[0], splits[1], len(names))
+    channels = shape[-1] or 3
+    return LabeledData(name, splits[0], splits[1], tuple(names), (image_size, image_size, channels),
+                       IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
+                       IMAGENET_STD if channels == 3 else (0.25,) * channels)
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -660,6 +768,8 @@ def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int,
     """`(images, labels)` batches of `split` in the given order. Image files are read,
     checked (a file that is not an image fails with its path, or with
     `bad_images="skip"` is reported and left out) and transformed one by one."""
+    if split.stream is not None:
+        return _stream_batches(data, split, batch_size, augment, seed, rand_augment)
     labels = tf.constant(split.labels, tf.int32)
     indices = tf.data.Dataset.from_tensor_slices(order)
     if not split.is_files:
@@ -691,6 +801,25 @@ def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int,
     def load(i, contents, ok):
         example_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, i)
         return _file_image(contents, data, augment, example_seed, rand_augment), labels[i]
+
+    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
+
+
+def _stream_batches(data: LabeledData, split: Split, batch_size: int, augment=None, seed=None,
+                    rand_augment=None) -> tf.data.Dataset:
+    """`(images, labels)` batches of a streamed split: its records in file order (test) or
+    shuffled through a buffer seeded by `seed` (training), each decoded and transformed as an
+    image file is, with a per-record stateless seed."""
+    kept = np.zeros(split.stream.num_records, bool)
+    kept[split.images] = True
+    kept = tf.constant(kept)
+    ds = split.stream.records().filter(lambda i, contents, label: tf.gather(kept, i))
+    if seed is not None:
+        ds = ds.shuffle(STREAM_SHUFFLE_BUFFER, seed=seed[0] * 1_000_003 + seed[1], reshuffle_each_iteration=False)
+
+    def load(i, contents, label):
+        example_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, i)
+        return _file_image(contents, data, augment, example_seed, rand_augment), label
 
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
 
@@ -787,7 +916,7 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
     """
     if augment not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
-    if augment in IMAGE_AUGMENTATIONS and not data.train.is_files:
+    if augment in IMAGE_AUGMENTATIONS and not (data.train.is_files or data.train.stream is not None):
         raise DataError(f"--augment={augment} crops full-size image files; {data.name} is arrays of "
                         "small images: use cifar, autoaugment, crop_flip or none")
     split, n = data.train, len(data.train)
@@ -838,6 +967,10 @@ DATASETS = {
 }
 
 
+# load_dataset options that go to load_tfds for --dataset=tfds:NAME.
+TFDS_OPTIONS = ("split_train", "split_test", "image_key", "label_key", "in_memory")
+
+
 def _required(options: dict, key: str, dataset: str):
     if not options.get(key):
         raise DataError(f"--dataset={dataset} needs --{key}")
@@ -860,9 +993,14 @@ def load_dataset(name: str, imbalance_ratio: Optional[float] = None, mean=None, 
     Returns:
         The loaded `LabeledData`.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    data = DATASETS[name](options)
+    if name.startswith(TFDS_PREFIX):
+        data = load_tfds(name[len(TFDS_PREFIX):], options.get("data_dir"), options.get("download", False),
+                         **{k: options[k] for k in TFDS_OPTIONS if options.get(k)},
+                         image_size=options.get("image_size", 32))
+    elif name in DATASETS:
+        data = DATASETS[name](options)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} or tfds:NAME")
     if mean or std:
         if len(mean or ()) != data.image_shape[-1] or len(std or ()) != data.image_shape[-1]:
             raise DataError(f"--mean and --std need {data.image_shape[-1]} values each (one per channel)")

@@ -18,6 +18,7 @@ from balpoe_tf import data as lt_data
 from balpoe_tf import experiment
 from balpoe_tf import metrics as lt_metrics
 from balpoe_tf.config import Check, at_least, config_field, one_of, validate
+from balpoe_tf.progress import Progress
 
 SHIFT_RATIOS = (50, 25, 10, 5, 2)
 # Paper order: Forward 50 ... Forward 2, Uniform, Backward 2 ... Backward 50.
@@ -84,7 +85,8 @@ def posthoc_adjust(logits, target_prior, train_counts, mean_lambda: float = 0.0)
     return np.asarray(logits, np.float64) + bias
 
 
-def _softmax(logits):
+def softmax(logits):
+    """Softmax over the last axis, in float64."""
     z = np.asarray(logits, np.float64)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -138,7 +140,7 @@ def set_metrics(labels, logits, train_counts) -> dict:
     confidence minus accuracy: the sign ECE lacks, negative for an underconfident model) of
     one set of predictions."""
     out = lt_metrics.evaluate_logits(labels, np.asarray(logits, np.float32), train_counts)
-    probs = _softmax(logits)
+    probs = softmax(logits)
     out["brier"] = brier_score(labels, probs)
     out["overconfidence"] = float(np.mean(np.max(probs, axis=-1)) - out["accuracy"])
     out["size"] = int(len(labels))
@@ -154,11 +156,15 @@ class Predictions:
     expert_logits: np.ndarray  # (N, M, C)
 
 
-def predict(model, dataset: tf.data.Dataset) -> Predictions:
+def predict(model, dataset: tf.data.Dataset, progress: Optional[Progress] = None) -> Predictions:
+    """Labels, ensemble and expert logits of every batch of `dataset` (a `Progress` is told
+    of each batch)."""
     labels, logits, experts = [], [], []
     forward = tf.function(lambda x: model(x, training=False), autograph=False)
-    for images, y in dataset:
+    for step, (images, y) in enumerate(dataset, 1):
         out = forward(images)
+        if progress is not None:
+            progress.update(step)
         labels.append(y.numpy())
         logits.append(out["logits"].numpy())
         experts.append(out["expert_logits"].numpy())
@@ -179,7 +185,7 @@ def expert_report(preds: Predictions, train_counts, lambdas: Sequence[float]) ->
         logits = preds.logits if lam is None else preds.expert_logits[:, m]
         lam_value = float(np.mean(lambdas)) if lam is None else float(lam)
         target = model_prior(train_counts, lam_value)
-        marginal = _softmax(logits).mean(axis=0)
+        marginal = softmax(logits).mean(axis=0)
         rows["ensemble" if lam is None else f"expert{m}"] = {
             "lambda": lam_value,
             "accuracy": float(np.mean(np.argmax(logits, 1) == preds.labels)),
@@ -223,7 +229,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
                 prior = counts / counts.sum()
                 adjusted = posthoc_adjust(logits, prior, train_counts, mean_lambda)
             elif mode == "estimated":
-                prior = estimate_prior_em(_softmax(logits), base)
+                prior = estimate_prior_em(softmax(logits), base)
                 adjusted = posthoc_adjust(logits, prior, train_counts, mean_lambda)
             else:
                 raise ValueError(f"unknown prior mode {mode!r}; choose from {PRIOR_MODES}")
@@ -375,6 +381,9 @@ class EvalConfig:
     data_dir: str = config_field("", "Override the run's --data_dir (TFDS data) on this machine.")
     data_path: str = config_field("", "Override the run's --data_path on this machine.")
     data_root: str = config_field("", "Override the run's --data_root on this machine.")
+    progress_every: float = config_field(30.0, "Seconds between progress lines of a prediction when output is "
+                                               "not a terminal (0: none); a terminal gets one updating line.",
+                                         at_least(0))
 
     def __post_init__(self):
         validate(self)
@@ -435,7 +444,10 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
                                     f"the data {run_dir} was trained on: check the data flags")
         name = os.path.basename(os.path.normpath(run_dir))
         log(f"{name}: predicting {len(data.test)} test images")
-        preds = predict(model, lt_data.test_pipeline(data, config.batch_size))
+        progress = Progress(f"{name}: predicting", lt_data.steps_per_epoch(len(data.test), config.batch_size),
+                            len(data.test), config.progress_every)
+        preds = predict(model, lt_data.test_pipeline(data, config.batch_size), progress)
+        progress.close()
         mean_lambda = float(np.mean(run_config.lambdas))
         subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
                                run_config.data_root)

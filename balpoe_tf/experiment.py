@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from balpoe_tf import __version__, export, losses, models, training
+from balpoe_tf.progress import Progress, hms
 from balpoe_tf import data as lt_data
 from balpoe_tf.config import (FINITE, NON_EMPTY, Check, at_least, between, config_field, each, either,
                               greater_than, one_of, refuse, validate)
@@ -49,8 +50,21 @@ class RunConfig:
     output_dir: str = config_field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.",
                                    NON_EMPTY)
     # Data.
-    dataset: str = config_field("digits", "Data source.", one_of(sorted(lt_data.DATASETS)))
-    data_dir: str = config_field("", "TFDS data_dir holding prepared cifar10/cifar100.")
+    dataset: str = config_field("digits", "Data source: a name, or tfds:NAME for any TFDS image-classification "
+                                          "dataset (e.g. tfds:imagenet_lt).",
+                                Check(lambda v: v in lt_data.DATASETS or (v.startswith(lt_data.TFDS_PREFIX)
+                                                                          and len(v) > len(lt_data.TFDS_PREFIX)),
+                                      "one of " + ", ".join(sorted(lt_data.DATASETS)) + " or tfds:NAME"))
+    data_dir: str = config_field("", "TFDS data_dir holding prepared datasets (default ~/tensorflow_datasets).")
+    tfds_split_train: str = config_field("train", "--dataset=tfds:NAME: the training split (slices work: "
+                                                  "train[:90%]).", NON_EMPTY)
+    tfds_split_test: str = config_field("test", "--dataset=tfds:NAME: the (balanced) test split.", NON_EMPTY)
+    tfds_image_key: str = config_field("", "--dataset=tfds:NAME: the image feature (default: the Image one).")
+    tfds_label_key: str = config_field("", "--dataset=tfds:NAME: the label feature (default: 'label', or the "
+                                           "ClassLabel one).")
+    tfds_in_memory: str = config_field("auto", "--dataset=tfds:NAME: load the images into memory (auto: when "
+                                               "they have one fixed shape, e.g. CIFAR) or stream them from "
+                                               "TFDS's files.", one_of(("auto", "yes", "no")))
     download: bool = config_field(False, "Let TFDS download the dataset (needs internet).")
     data_path: str = config_field("", "The .npz file (--dataset=npz) or image folder (--dataset=folder).")
     train_list: str = config_field("", "'path label' list of training images (--dataset=list).")
@@ -115,6 +129,9 @@ class RunConfig:
                                       "schedule, and to put in the result table.", each(one_of(BASELINES)))
     dry_run: bool = config_field(False, "Build data and model, run one training step and one test batch, exit.")
     export: bool = config_field(True, "At the end, export a TF Serving SavedModel to RUN/export/<version>.")
+    progress_every: float = config_field(30.0, "Inside an epoch or evaluation, seconds between progress lines "
+                                               "when output is not a terminal (0: none); a terminal gets one "
+                                               "updating line.", at_least(0))
 
     def __post_init__(self):
         validate(self)
@@ -131,9 +148,9 @@ class RunConfig:
 
 
 # Settings that do not change what a run computes, so a resumed run may differ in them.
-RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "data_dir",
-               "tfds_images",
-               "download", "data_path", "train_list", "test_list", "data_root", "jit_compile")
+RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "progress_every",
+               "data_dir", "tfds_images", "download", "data_path", "train_list", "test_list", "data_root",
+               "jit_compile")
 
 RESULT_COLUMNS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
 
@@ -164,7 +181,9 @@ def load_data(config: RunConfig) -> lt_data.LabeledData:
         download=config.download, data_path=config.data_path, train_list=config.train_list,
         test_list=config.test_list, data_root=config.data_root,
         num_classes=config.num_classes or None, image_size=config.image_size,
-        mean=config.mean or None, std=config.std or None, test_crop=config.test_crop)
+        mean=config.mean or None, std=config.std or None, test_crop=config.test_crop,
+        split_train=config.tfds_split_train, split_test=config.tfds_split_test, image_key=config.tfds_image_key,
+        label_key=config.tfds_label_key, in_memory=config.tfds_in_memory)
 
 
 def make_schedule(config: RunConfig, steps_per_epoch: int):
@@ -422,17 +441,38 @@ class DivergenceGuard(keras.callbacks.Callback):
 
 
 class ProgressLine(keras.callbacks.Callback):
-    """One line per epoch: losses, accuracies, LR, throughput (images/s) and ETA."""
+    """Inside each epoch and evaluation, a `progress.Progress` line (steps, images/s, ETA);
+    after each epoch, one summary line: losses, accuracies, LR, throughput and ETA."""
 
-    def __init__(self, num_images, epochs, schedule, log: Callable[[str], None] = print):
+    def __init__(self, num_images, epochs, schedule, log: Callable[[str], None] = print,
+                 steps=1, test_images=0, test_steps=1, every=30.0, stream=None):
         super().__init__()
         self.num_images, self.epochs, self.schedule, self.log = num_images, epochs, schedule, log
+        self.steps, self.test_images, self.test_steps = steps, test_images, test_steps
+        self.every, self.stream = every, stream
         self.durations = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
+        self.epoch = epoch
+        self.bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, self.num_images, self.every, self.stream)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.bar.update(batch + 1)
+
+    def on_test_begin(self, logs=None):
+        self.bar.close()
+        self.test_bar = Progress(f"epoch {self.epoch + 1}/{self.epochs} evaluating", self.test_steps,
+                                 self.test_images, self.every, self.stream)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.test_bar.update(batch + 1)
+
+    def on_test_end(self, logs=None):
+        self.test_bar.close()
 
     def on_epoch_end(self, epoch, logs=None):
+        self.bar.close()
         seconds = time.perf_counter() - self.start
         self.durations.append(seconds)
         eta = np.median(self.durations[-5:]) * (self.epochs - epoch - 1)
@@ -444,13 +484,8 @@ class ProgressLine(keras.callbacks.Callback):
                       "many/med/few " + "/".join(f"{logs.get(f'val_{g}_accuracy', float('nan')):.3f}"
                                                  for g in ("many", "medium", "few")),
                       f"ECE {logs.get('val_ece', float('nan')):.4f}"]
-        parts += [f"{self.num_images / seconds:.0f} img/s", f"ETA {_hms(eta)}"]
+        parts += [f"{self.num_images / seconds:.0f} img/s", f"ETA {hms(eta)}"]
         self.log("  ".join(parts))
-
-
-def _hms(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def reliability_diagram_png(count, confidence, hits, title="") -> bytes:
@@ -483,20 +518,60 @@ def reliability_diagram_png(count, confidence, hits, title="") -> bytes:
     return buffer.getvalue()
 
 
+# Final balanced-test metrics, written to each run's session folder for TensorBoard's HParams
+# dashboard, which reads a session's metrics from that folder.
+FINAL_METRICS = RESULT_COLUMNS
+
+
+def hparams_config():
+    """The HParams dashboard's columns: every setting that changes what a run computes,
+    with its domain where the setting has a list of values, and the final metrics."""
+    from tensorboard.plugins.hparams import api as hp
+
+    hparams = []
+    for field in dataclasses.fields(RunConfig):
+        if field.name in RUN_CONTROL:
+            continue
+        check = field.metadata.get("check")
+        domain = (hp.Discrete(list(check.choices)) if check is not None and check.choices
+                  else hp.Discrete([False, True]) if field.type in (bool, "bool") else None)
+        hparams.append(hp.HParam(field.name, domain, description=field.metadata.get("help")))
+    metrics = [hp.Metric(f"final/{m}", display_name=m.replace("_accuracy", ""),
+                         description=f"balanced test set, last epoch: {m}") for m in FINAL_METRICS]
+    return hparams, metrics
+
+
+def write_final_metrics(log_dir: str, results: dict, step: int):
+    """The final balanced-test metrics as `final/<metric>` scalars of the run's session."""
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default(step=step):
+        for name in FINAL_METRICS:
+            value = results.get(name)
+            if value is not None and math.isfinite(value):  # an empty class group has no accuracy
+                tf.summary.scalar(f"final/{name}", value)
+    writer.close()
+
+
 class BalPoETensorBoard(keras.callbacks.Callback):
-    """LR per epoch, a reliability diagram at each evaluation, and the run's hparams,
-    next to the scalars Keras' TensorBoard callback writes."""
+    """LR per epoch and a reliability diagram at each evaluation (in `balpoe/`), next to the
+    scalars Keras' TensorBoard callback writes, and the run's hparams with the dashboard's
+    columns declared (in the log folder itself, the session that the final metrics join)."""
 
     def __init__(self, log_dir, schedule, hparams: dict):
         super().__init__()
+        self.log_dir = log_dir
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "balpoe"))
         self.schedule, self.hparams = schedule, hparams
 
     def on_train_begin(self, logs=None):
         from tensorboard.plugins.hparams import api as hp
 
-        with self.writer.as_default():
-            hp.hparams(self.hparams)
+        writer = tf.summary.create_file_writer(self.log_dir)
+        with writer.as_default():
+            hp.hparams_config(*hparams_config())
+            # The run folder names the session (e.g. baseline_ce), not a hash of the hparams.
+            hp.hparams(self.hparams, trial_id=os.path.basename(os.path.dirname(os.path.normpath(self.log_dir))))
+        writer.close()
 
     def on_epoch_end(self, epoch, logs=None):
         with self.writer.as_default(step=epoch + 1):
@@ -586,7 +661,8 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
 
     train_ds = lt_data.train_pipeline(data, config.batch_size, config.epochs, config.seed,
                                       config.augment, start_epoch, config.bad_images)
-    test_ds = lt_data.test_pipeline(data, max(config.batch_size, 256), bad_images=config.bad_images)
+    test_batch = max(config.batch_size, 256)
+    test_ds = lt_data.test_pipeline(data, test_batch, bad_images=config.bad_images)
     if config.dry_run:
         images, labels = next(iter(train_ds))
         logs = model.train_on_batch(images, labels, return_dict=True)
@@ -604,7 +680,8 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
             BalPoETensorBoard(log_dir, schedule, _hparams(config)),
             DivergenceGuard(schedule, config.output_dir),  # before the checkpoint of the epoch
             EpochCheckpoint(config.output_dir, config.checkpoint_every, config.epochs),
-            ProgressLine(len(data.train), config.epochs, schedule, log),
+            ProgressLine(len(data.train), config.epochs, schedule, log, steps, len(data.test),
+                         lt_data.steps_per_epoch(len(data.test), test_batch), config.progress_every),
         ]
         history = model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch,
                             steps_per_epoch=steps, validation_data=test_ds,
@@ -615,6 +692,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     if not results:
         results = model.evaluate(test_ds, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
+    write_final_metrics(os.path.join(config.output_dir, "tensorboard"), results, config.epochs)
     cal = model.calibration
     with open(os.path.join(config.output_dir, "reliability_diagram.png"), "wb") as f:
         f.write(reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),

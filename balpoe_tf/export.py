@@ -1,6 +1,7 @@
 """Export a trained ensemble as a SavedModel that TF Serving loads as it is.
 
-Layout: `<export_dir>/<version>/saved_model.pb` + `variables/`, versions 1, 2, ...
+Layout: `<export_dir>/<version>/saved_model.pb` + `variables/`, versions 1, 2, ..., and
+`assets.extra/balpoe_tf.json` (class names, training counts, mean lambda) for tools/predict.py.
 Signatures (all return probabilities, logits, expert_logits, top_k_classes,
 top_k_scores, top_k_names):
 
@@ -13,6 +14,7 @@ top_k_scores, top_k_names):
 """
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -23,6 +25,9 @@ import tensorflow as tf
 from balpoe_tf import data as lt_data
 from balpoe_tf.config import NON_EMPTY, at_least, config_field, greater_than, validate
 from balpoe_tf.data import PRIOR_FLOOR
+
+# Classes and training prior of an export, in its assets.extra folder.
+METADATA_NAME = "balpoe_tf.json"
 
 SIGNATURES = ("serving_default", "predict_tensor", "predict_with_prior", "predict_with_log_prior")
 
@@ -133,6 +138,13 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
                                                    mean_lambda, top_k, test_crop, max_pixels).items():
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(path, verbose=False)
+    # TF Serving ignores assets.extra (beyond its warm-up file); tools/predict.py reads the
+    # classes and the training prior from here.
+    os.makedirs(os.path.join(path, "assets.extra"))
+    with open(os.path.join(path, "assets.extra", METADATA_NAME), "w") as f:
+        json.dump({"class_names": [str(n) for n in class_names], "train_counts": [int(c) for c in train_counts],
+                   "mean_lambda": float(mean_lambda), "image_shape": list(model.image_shape),
+                   "test_crop": float(test_crop)}, f, indent=1)
     return path
 
 

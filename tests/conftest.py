@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 
 import balpoe_tf  # noqa: F401  (sets TF env before TensorFlow loads)
@@ -46,3 +47,20 @@ def synthetic_data(num_classes=4, per_class=12, test_per_class=3, size=8, channe
 @pytest.fixture
 def tiny_data():
     return synthetic_data()
+
+
+IMAGENET_LT_SIZES = {"train": 2000, "validation": 20, "test": 30}
+
+
+def mock_imagenet_lt_records(self, split, decoders=None, read_config=None, **kwargs):
+    """`as_dataset_fn` of `tfds.testing.mock_data` for TFDS's imagenet_lt: record i of a split
+    (sizes above) has label i % 1000 and a 12 x 10 PNG of grey level i % 256."""
+    n = IMAGENET_LT_SIZES[str(split).split("[")[0]]
+    skip = decoders is not None and "image" in decoders
+
+    def record(i):
+        png = tf.io.encode_png(tf.fill([12, 10, 3], tf.cast(i % 256, tf.uint8)))
+        return {"image": png if skip else tf.io.decode_png(png, 3), "label": i % 1000,
+                "file_name": tf.strings.as_string(i)}
+
+    return tf.data.Dataset.range(n).map(record)

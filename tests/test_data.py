@@ -6,7 +6,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from balpoe_tf import data as lt_data
-from conftest import synthetic_data
+from conftest import mock_imagenet_lt_records, synthetic_data
 
 
 @pytest.mark.parametrize("num_classes,ir,size,head,tail", [
@@ -343,3 +343,50 @@ def test_idx_source(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x00\x01\x08\x01")
     with pytest.raises(lt_data.DataError, match="not an unsigned-byte IDX file"):
         lt_data.read_idx(str(tmp_path / "bad"))
+
+
+def test_tfds_imagenet_lt_streams_its_three_splits():
+    with tfds.testing.mock_data(as_dataset_fn=mock_imagenet_lt_records, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = lt_data.load_dataset("tfds:imagenet_lt", image_size=16, test_crop=0.875)
+        validation = lt_data.load_dataset("tfds:imagenet_lt", split_test="validation", image_size=16)
+        full = lt_data.train_pipeline(data, 64, epochs=2, seed=3, augment="imagenet")
+        batches = list(full.as_numpy_iterator())
+        resumed = list(lt_data.train_pipeline(data, 64, epochs=2, seed=3, augment="imagenet",
+                                              start_epoch=1).as_numpy_iterator())
+        test_labels = np.concatenate([y for _, y in lt_data.test_pipeline(data, 7).as_numpy_iterator()])
+    assert data.train.stream is not None and data.train.stream.split == "train"
+    assert (len(data.train), len(data.test), len(validation.test), data.num_classes) == (2000, 30, 20, 1000)
+    assert (data.train_counts() == 2).all() and data.image_shape == (16, 16, 3)
+    steps = lt_data.steps_per_epoch(2000, 64)
+    assert len(batches) == 2 * steps and batches[0][0].shape == (64, 16, 16, 3)
+    epoch = np.concatenate([y for _, y in batches[:steps]])
+    assert sorted(epoch.tolist()) == sorted(data.train.labels.tolist())  # every record once per epoch
+    assert not np.array_equal(epoch, data.train.labels)  # shuffled
+    assert len(resumed) == steps
+    for (x, y), (rx, ry) in zip(batches[steps:], resumed):  # a resumed run sees what an uninterrupted one did
+        np.testing.assert_array_equal(y, ry)
+        np.testing.assert_array_equal(x, rx)
+    np.testing.assert_array_equal(test_labels, data.test.labels)  # the test split in its order
+
+
+def test_tfds_balanced_dataset_streamed_long_tailed():
+    with tfds.testing.mock_data(num_examples=200):
+        in_memory = lt_data.load_dataset("tfds:mnist", imbalance_ratio=2)
+        data = lt_data.load_dataset("tfds:mnist", imbalance_ratio=2, in_memory="no", image_size=28)
+        labels = np.concatenate([y for _, y in lt_data.train_pipeline(data, 32, epochs=1, seed=0, augment="none")
+                                 .as_numpy_iterator()])
+    assert in_memory.train.stream is None and in_memory.image_shape == (28, 28, 1)
+    assert data.train.stream is not None and data.image_shape == (28, 28, 1)
+    np.testing.assert_array_equal(data.train_counts(), in_memory.train_counts())  # the same sampling
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), data.train_counts())
+
+
+def test_tfds_errors_name_the_fix(tmp_path):
+    with pytest.raises(lt_data.DataError, match=f"not available offline in {tmp_path}.*`tfds build imagenet_lt "
+                                                f"--data_dir={tmp_path} --manual_dir=MANUAL`"):
+        lt_data.load_dataset("tfds:imagenet_lt", data_dir=str(tmp_path))
+    with pytest.raises(lt_data.DataError, match="TFDS has no dataset 'no_such_set'"):
+        lt_data.load_dataset("tfds:no_such_set", data_dir=str(tmp_path))
+    with tfds.testing.mock_data(num_examples=20):
+        with pytest.raises(lt_data.DataError, match="--tfds_label_key=colour: the dataset has no such feature"):
+            lt_data.load_dataset("tfds:mnist", label_key="colour")

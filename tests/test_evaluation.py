@@ -139,14 +139,16 @@ def test_list_subsets(tmp_path):
         evaluation.list_subsets(str(lists), test, 2, ["forward2"], str(tmp_path))
 
 
-def test_evaluate_a_trained_run_end_to_end(tmp_path):
+def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     run = tmp_path / "tiny"
     config = experiment.RunConfig(output_dir=str(run), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
                                   warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
     experiment.train(config, log=lambda line: None)
     logs = []
-    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run)), log=logs.append)
+    capsys.readouterr()
+    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), progress_every=1e-9), log=logs.append)
+    assert "tiny: predicting  step 2/2  " in capsys.readouterr().out
     out = run / "evaluation"
     for name in ("shifted_accuracy.md", "shifted_accuracy.csv", "evaluation.json", "reliability_tiny.png"):
         assert (out / name).exists(), name

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from balpoe_tf import experiment
 from balpoe_tf import data as lt_data
-from conftest import parse_config
+from conftest import mock_imagenet_lt_records, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.flags")))
@@ -56,7 +56,7 @@ def _config_groups():
 CONFIG_GROUPS = _config_groups()
 # ImageNet-LT / iNaturalist configs need their list files and a full-size step takes minutes on
 # CPU: their data pipeline and model are built on generated JPEGs below instead.
-LARGE_SCALE = sorted(g for g in CONFIG_GROUPS if g.startswith("list-"))
+LARGE_SCALE = sorted(g for g in CONFIG_GROUPS if g.startswith(("list-", lt_data.TFDS_PREFIX)))
 
 
 def test_config_files_cover_the_paper():
@@ -95,20 +95,34 @@ def test_large_scale_configs_build_data_and_model(group, tmp_path):
             long = parse(f"--flagfile={other}")
             assert (long.epochs, long.augment, long.schedule) == (400, "randaugment", "cosine")
     assert full.backbone in ("resnet50", "resnext50") and len(full.lambdas) == full.num_experts == 3
-    c = full.num_classes
+    c = full.num_classes or 1000
     one_per_class = lt_data.Split(np.array(["unused.jpg"] * c), np.arange(c))
     stand_in = lt_data.LabeledData("stand-in", one_per_class, one_per_class, tuple(map(str, range(c))),
                                    (224, 224, 3), lt_data.IMAGENET_MEAN, lt_data.IMAGENET_STD)
     model = experiment.build_model(full, stand_in, steps_per_epoch=10)
-    assert model.num_classes == full.num_classes and model.image_shape == (224, 224, 3)
+    assert model.num_classes == c and model.image_shape == (224, 224, 3)
     # The pipeline of the config on the generated JPEGs, at a small size.
-    small = dataclasses.replace(full, train_list=str(tmp_path / "train.txt"), test_list=str(tmp_path / "test.txt"),
-                                data_root=str(tmp_path), num_classes=3, image_size=32)
+    small = dataclasses.replace(full, dataset="list", train_list=str(tmp_path / "train.txt"),
+                                test_list=str(tmp_path / "test.txt"), data_root=str(tmp_path), num_classes=3,
+                                image_size=32)
     data = experiment.load_data(small)
     images, labels = next(iter(lt_data.train_pipeline(data, 4, 1, augment=small.augment)))
     assert images.shape == (4, 32, 32, 3) and labels.shape == (4,)
     test_images, _ = next(iter(lt_data.test_pipeline(data, 6)))
     assert test_images.shape == (6, 32, 32, 3)
+
+
+def test_imagenet_lt_from_tfds_dry_run(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = parse("--flagfile=configs/imagenet_lt_tfds.flags", "--backbone=resnet8", "--image_size=32",
+                   "--batch_size=16", f"--output_dir={tmp_path}", "--dry_run")
+    assert (config.dataset, config.tfds_split_test, config.imbalance_ratio) == ("tfds:imagenet_lt", "test", 0)
+    logs = []
+    with tfds.testing.mock_data(as_dataset_fn=mock_imagenet_lt_records, policy=tfds.testing.MockPolicy.USE_CODE):
+        experiment.train(config, log=logs.append)
+    assert "data imagenet_lt: 2000 training images in 1000 classes (max 2, min 2), 30 test images" in logs
+    assert any(line.startswith("dry run: batch (16, 32, 32, 3)") for line in logs), logs
 
 
 @pytest.mark.parametrize("group", sorted(set(CONFIG_GROUPS) - set(LARGE_SCALE)))
@@ -177,9 +191,15 @@ def test_json_files_are_standard_json(tmp_path):
 
 def test_train_cli_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = run_cli(*TINY, "--compare=ce", f"--output_dir={out}")
+    result = run_cli(*TINY, "--compare=ce", "--progress_every=1e-9", f"--output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "img/s" in result.stdout and "ETA" in result.stdout and "epoch 3/3" in result.stdout
+    # Not a terminal: plain progress lines inside epochs and evaluations, then each epoch's summary.
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("epoch 1/3  step 8/8  ") for line in lines)
+    assert any(line.startswith("epoch 3/3 evaluating  step 2/2  ") for line in lines)
+    assert lines.index(next(line for line in lines if line.startswith("epoch 1/3  lr"))) > \
+        lines.index(next(line for line in lines if line.startswith("epoch 1/3  step 8/8")))
     assert "| ce |" in result.stdout and "| BalPoE (lambdas 1,0,-1) |" in result.stdout
     for name in ("flags.txt", "config.json", "results.json", "results.md", "model.keras",
                  "reliability_diagram.png", "checkpoints/epoch_0003.keras", "baseline_ce/model.keras"):
@@ -199,6 +219,33 @@ def test_train_cli_end_to_end(tmp_path):
     for tag in ("epoch_loss", "epoch_accuracy", "epoch_few_accuracy", "epoch_ece",
                 "epoch_expert2_accuracy", "learning_rate", "reliability_diagram", "_hparams_/session_start_info"):
         assert tag in tags, (tag, sorted(tags))
+    _check_hparams_dashboard(out, results, _strict_loads((out / "baseline_ce" / "results.json").read_text())["test"])
+
+
+def _check_hparams_dashboard(out, balpoe_results, ce_results):
+    """What TensorBoard's HParams plugin reads, loaded with TensorBoard's own event loading:
+    one session per run (BalPoE and its baseline) with its hparams and final metrics, and
+    the declared columns."""
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(out))
+    mux.Reload()
+    content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    sessions = {run: metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG])
+                for run, tags in content.items() if metadata.SESSION_START_INFO_TAG in tags}
+    assert set(sessions) == {"tensorboard", os.path.join("baseline_ce", "tensorboard")}
+    lambdas = {run: info.hparams["lambdas"].string_value for run, info in sessions.items()}
+    assert lambdas == {"tensorboard": "1.0,0.0,-1.0", os.path.join("baseline_ce", "tensorboard"): "1.0"}
+    experiment_info = metadata.parse_experiment_plugin_data(content["tensorboard"][metadata.EXPERIMENT_TAG])
+    assert [m.name.tag for m in experiment_info.metric_infos] == [f"final/{m}" for m in experiment.FINAL_METRICS]
+    domains = {h.name: list(h.domain_discrete.values) for h in experiment_info.hparam_infos}
+    assert "digits" in [v.string_value for v in domains["dataset"]] and "output_dir" not in domains
+    for run, results in (("tensorboard", balpoe_results), (os.path.join("baseline_ce", "tensorboard"), ce_results)):
+        for name in ("accuracy", "ece", "nll"):
+            (event,) = mux.Tensors(run, f"final/{name}")
+            assert event.step == 3 and tf.make_ndarray(event.tensor_proto) == pytest.approx(results[name], rel=1e-6)
 
 
 def _weights(path):

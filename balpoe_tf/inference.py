@@ -1,0 +1,256 @@
+"""Classify image files with a trained run or an exported SavedModel (tools/predict.py).
+
+Both kinds of model give the ensemble's *balanced* logits (the training prior it targets,
+pi^lambda_bar, removed); a deployment prior is then added post hoc, `+ log p`, as the
+evaluation and the `predict_with_prior` signature do. With no prior the model's own
+prediction is kept.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+import tensorflow as tf
+
+from balpoe_tf import data as lt_data
+from balpoe_tf import evaluation, experiment, export
+from balpoe_tf.config import NON_EMPTY, Check, at_least, config_field, one_of, refuse, validate
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Settings of tools/predict.py (each field is a flag, checked when made)."""
+
+    model: str = config_field("", "A run folder of tools/train.py, or an exported SavedModel: a version "
+                                  "folder, or the export folder (its newest version).", NON_EMPTY)
+    inputs: List[str] = config_field([], "Image files, folders (searched recursively for "
+                                     f"{'/'.join(lt_data.IMAGE_EXTENSIONS)}) and list files (.txt: one path "
+                                     "per line, relative to the list's folder; anything after the path is "
+                                     "ignored).", Check(bool, "one or more files, folders or list files"))
+    top_k: int = config_field(5, "Classes shown per image (at most the class count).", at_least(1))
+    prior: str = config_field("", "Deployment prior: counts or probabilities, one per class, as a comma list "
+                                  "or a file of numbers (commas, spaces or new lines, or a JSON list).")
+    estimate_prior: bool = config_field(False, "Estimate the label prior of the given images by EM "
+                                               "(as tools/evaluate.py does) and apply it.")
+    output: str = config_field("", "Also write the predictions to this .csv or .json file.",
+                               Check(lambda v: not v or v.lower().endswith((".csv", ".json")),
+                                     "empty or a file name ending in .csv or .json"))
+    bad_images: str = config_field("skip", "A file that cannot be read as an image: 'skip' it, naming it and "
+                                           "why, or 'fail' at the first.", one_of(("skip", "fail")))
+    batch_size: int = config_field(64, "Images per model call.", at_least(1))
+
+    def __post_init__(self):
+        validate(self)
+        if self.prior and self.estimate_prior:
+            refuse("estimate_prior", True, "false when --prior is given (one prior at a time)")
+
+
+METADATA_FILE = os.path.join("assets.extra", export.METADATA_NAME)
+
+
+@dataclasses.dataclass
+class Classifier:
+    """What predictions need of a model: its classes, the prior it targets and a function
+    from encoded image bytes to balanced logits `(N, C)`."""
+
+    class_names: List[str]
+    train_counts: List[int]
+    mean_lambda: float
+    balanced_logits: Callable[[Sequence[bytes]], np.ndarray]
+    source: str
+
+    def trained_log_prior(self) -> np.ndarray:
+        """`lambda_bar * log pi_train`: what the model adds to balanced logits by itself."""
+        return self.mean_lambda * np.log(lt_data.class_prior(self.train_counts))
+
+
+def _saved_model_dir(path: str) -> Optional[str]:
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = [d for d in os.listdir(path) if d.isdigit() and os.path.isfile(os.path.join(path, d, "saved_model.pb"))]
+    return os.path.join(path, max(versions, key=int)) if versions else None
+
+
+def load_classifier(path: str) -> Classifier:
+    """A `Classifier` from a run folder (its model.keras) or an exported SavedModel."""
+    if not os.path.isdir(path):
+        raise experiment.RunError(f"--model {path!r} does not exist: pass a run folder or an exported SavedModel")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        model, record = experiment.load_run(path)
+        data = record["data"]
+        shape, normalize = tuple(model.image_shape), lt_data.normalizer(data["mean"], data["std"])
+        mean_lambda = float(np.mean(record["config"]["lambdas"]))
+        bias = mean_lambda * np.log(lt_data.class_prior(data["train_counts"]))
+        forward = tf.function(lambda x: model(x, training=False)["logits"], autograph=False)
+
+        def balanced(contents):
+            images = tf.stack([lt_data.test_transform(c, shape, data.get("test_crop", 0.0)) for c in contents])
+            return forward(normalize(images)).numpy().astype(np.float64) - bias
+
+        return Classifier(list(data["class_names"]), data["train_counts"], mean_lambda, balanced, path)
+    saved = _saved_model_dir(path)
+    if saved is None:
+        raise experiment.RunError(f"{path} is neither a run folder (config.json) nor a SavedModel "
+                                  "(saved_model.pb, or version folders holding one)")
+    if not os.path.isfile(os.path.join(saved, METADATA_FILE)):
+        raise experiment.RunError(f"{saved} lacks {METADATA_FILE} (class names and training prior; exports "
+                                  "before this version do): export it again with tools/export.py --run_dir=RUN")
+    with open(os.path.join(saved, METADATA_FILE)) as f:
+        meta = json.load(f)
+    # predict_with_log_prior with log p = 0 removes the trained prior: the balanced logits.
+    signature = tf.saved_model.load(saved).signatures["predict_with_log_prior"]
+    zeros = tf.zeros([len(meta["class_names"])], tf.float32)
+
+    def balanced(contents):
+        return signature(images=tf.constant(list(contents)), log_prior=zeros)["logits"].numpy().astype(np.float64)
+
+    return Classifier(meta["class_names"], meta["train_counts"], meta["mean_lambda"], balanced, saved)
+
+
+def image_paths(inputs: Sequence[str]) -> List[str]:
+    """Every image file named by `inputs`: files as given, folders searched recursively
+    (by extension), list files line by line."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
+                paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(lt_data.IMAGE_EXTENSIONS)]
+        elif item.lower().endswith(".txt") and os.path.isfile(item):
+            with open(item) as f:
+                names = [line.split()[0] for line in f if line.strip()]
+            paths += [n if os.path.isabs(n) else os.path.join(os.path.dirname(item), n) for n in names]
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise lt_data.DataError(f"{item!r} does not exist: give image files, folders or .txt list files")
+    if not paths:
+        raise lt_data.DataError(f"no image files in {', '.join(inputs)} "
+                                f"(looked for {', '.join(lt_data.IMAGE_EXTENSIONS)})")
+    return paths
+
+
+def unreadable_reason(contents: bytes) -> Optional[str]:
+    """Why encoded bytes are not an image the model can take, or None."""
+    if not contents:
+        return "empty file"
+    if not bool(lt_data.image_file_ok(tf.constant(contents))):
+        return "not a JPEG, PNG, GIF or BMP image"
+    pixels = int(lt_data.image_pixels(tf.constant(contents)))
+    if pixels > export.MAX_IMAGE_PIXELS:
+        return f"{pixels:,} pixels, more than {export.MAX_IMAGE_PIXELS:,}: downscale it"
+    try:
+        tf.io.decode_image(contents, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+        return f"cannot be decoded ({e.message.splitlines()[0]})"
+    return None
+
+
+def parse_prior(text: str, num_classes: int) -> np.ndarray:
+    """A prior from a comma list or a file (counts or probabilities), normalised."""
+    source = text
+    if os.path.isfile(text):
+        with open(text) as f:
+            source = f.read()
+        try:
+            values = json.loads(source)
+        except json.JSONDecodeError:
+            values = source.replace(",", " ").split()
+    else:
+        values = text.split(",")
+    try:
+        prior = np.array([float(v) for v in values], np.float64)
+    except (TypeError, ValueError):
+        raise lt_data.DataError(f"--prior {text!r}: expected {num_classes} numbers (counts or probabilities)")
+    if prior.shape != (num_classes,) or (prior < 0).any() or not np.isfinite(prior).all() or prior.sum() <= 0:
+        raise lt_data.DataError(f"--prior {text!r}: expected {num_classes} non-negative numbers with a positive "
+                                f"sum (one per class), got {prior.size}")
+    return prior / prior.sum()
+
+
+def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> dict:
+    """Classify every image of `config.inputs`; print a table, optionally write CSV/JSON.
+
+    Returns:
+        `{"prior": mode, "prior_values": list or None, "predictions": [{"path", "top_k":
+        [{"class", "name", "probability"}]}], "skipped": [{"path", "reason"}]}`.
+    """
+    classifier = load_classifier(config.model)
+    num_classes = len(classifier.class_names)
+    known = parse_prior(config.prior, num_classes) if config.prior else None
+    good, contents, skipped = [], [], []
+    for path in image_paths(config.inputs):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            reason = unreadable_reason(raw)
+        except OSError as e:
+            raw, reason = b"", f"cannot be read ({e.strerror})"
+        if reason is None:
+            good.append(path)
+            contents.append(raw)
+            continue
+        if config.bad_images == "fail":
+            raise lt_data.DataError(f"{path}: {reason} (use --bad_images=skip to leave such files out)")
+        log(f"skipping {path}: {reason}")
+        skipped.append({"path": path, "reason": reason})
+    if not good:
+        raise lt_data.DataError("none of the given files is a readable image")
+    balanced = np.concatenate([classifier.balanced_logits(contents[i:i + config.batch_size])
+                               for i in range(0, len(contents), config.batch_size)])
+    if known is not None:
+        mode, prior = "given", known
+    elif config.estimate_prior:
+        mode, prior = "estimated", evaluation.estimate_prior_em(evaluation.softmax(balanced))
+    else:
+        mode, prior = "none", None
+    logits = balanced + (classifier.trained_log_prior() if prior is None
+                         else np.log(np.maximum(prior, lt_data.PRIOR_FLOOR)))
+    probs = evaluation.softmax(logits)
+    k = min(config.top_k, num_classes)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    predictions = [{"path": path, "top_k": [{"class": int(c), "name": classifier.class_names[c],
+                                             "probability": float(p[c])} for c in row]}
+                   for path, p, row in zip(good, probs, order)]
+    result = {"model": classifier.source, "prior": mode, "prior_values": None if prior is None else prior.tolist(),
+              "predictions": predictions, "skipped": skipped}
+    for line in prediction_table(result):
+        log(line)
+    if config.output:
+        write_predictions(result, config.output)
+        log(f"wrote {config.output}")
+    return result
+
+
+def prediction_table(result: dict) -> List[str]:
+    """Terminal lines: one per image, its top classes with probabilities."""
+    titles = {"none": "no prior (the model's own)", "given": "the given prior",
+              "estimated": "the prior estimated by EM"}
+    lines = [f"{len(result['predictions'])} image(s), {len(result['skipped'])} skipped; "
+             f"prior: {titles[result['prior']]}"]
+    width = min(max(len(p["path"]) for p in result["predictions"]), 60)
+    for p in result["predictions"]:
+        path = p["path"] if len(p["path"]) <= width else "..." + p["path"][-(width - 3):]
+        lines.append(f"{path:<{width}}  "
+                     + "  ".join(f"{t['name']} {100 * t['probability']:5.1f}%" for t in p["top_k"]))
+    return lines
+
+
+def write_predictions(result: dict, path: str):
+    """CSV (path, rank, class, name, probability; skipped files with their reason) or JSON."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.lower().endswith(".json"):
+        experiment.write_json(path, result)
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "rank", "class", "name", "probability", "skipped_because"])
+        for p in result["predictions"]:
+            for rank, t in enumerate(p["top_k"], 1):
+                writer.writerow([p["path"], rank, t["class"], t["name"], f"{t['probability']:.6f}", ""])
+        for s in result["skipped"]:
+            writer.writerow([s["path"], "", "", "", "", s["reason"]])

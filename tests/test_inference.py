@@ -1,0 +1,150 @@
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from balpoe_tf import data as lt_data
+from balpoe_tf import evaluation, experiment, inference
+from balpoe_tf.config import ConfigError
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained digits run (with its SavedModel) and a folder of its test images as PNG."""
+    root = tmp_path_factory.mktemp("predict")
+    config = experiment.RunConfig(output_dir=str(root / "run"), dataset="digits", imbalance_ratio=10,
+                                  augment="none", backbone="resnet8", epochs=1, batch_size=64,
+                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
+    experiment.train(config, log=lambda line: None)
+    data = experiment.load_data(config)
+    pixels = data.test.images[::40][:6]  # six test images
+    images = root / "images" / "nested"
+    images.mkdir(parents=True)
+    paths = []
+    for i, p in enumerate(pixels):
+        path = images / f"{i}.png"
+        path.write_bytes(tf.io.encode_png(p).numpy())
+        paths.append(str(path))
+    return root, config, data, pixels, paths
+
+
+def _config(run, **overrides):
+    settings = dict(model=str(run[0] / "run"), inputs=[str(run[0] / "images")])
+    return inference.PredictConfig(**{**settings, **overrides})
+
+
+def _probabilities(result):
+    return np.array([[t["probability"] for t in p["top_k"]] for p in result["predictions"]])
+
+
+def _model_logits(run):
+    root, config, data, pixels, _ = run
+    model, _ = experiment.load_run(str(root / "run"))
+    return model(lt_data.normalizer(data.mean, data.std)(pixels), training=False)["logits"].numpy()
+
+
+def test_run_folder_and_saved_model_agree_with_the_model(run):
+    logs = []
+    by_run = inference.predict_files(_config(run, top_k=3), log=logs.append)
+    by_saved = inference.predict_files(_config(run, top_k=3, model=str(run[0] / "run" / "export")),
+                                       log=lambda line: None)
+    assert by_run["prior"] == "none" and [p["path"] for p in by_run["predictions"]] == run[4]
+    probs = evaluation.softmax(_model_logits(run))
+    top = np.argsort(-probs, axis=1)[:, :3]
+    assert [[t["class"] for t in p["top_k"]] for p in by_run["predictions"]] == top.tolist()
+    assert [p["top_k"][0]["name"] for p in by_run["predictions"]] == [run[2].class_names[c] for c in top[:, 0]]
+    np.testing.assert_allclose(_probabilities(by_run), np.take_along_axis(probs, top, 1), atol=1e-5)
+    np.testing.assert_allclose(_probabilities(by_saved), _probabilities(by_run), atol=1e-4)
+    assert logs[0] == "6 image(s), 0 skipped; prior: no prior (the model's own)" and len(logs) == 7
+    assert "%" in logs[1] and run[4][0][-20:] in logs[1]
+
+
+def test_given_and_estimated_priors_match_the_evaluation(run):
+    prior = np.arange(1, 11, dtype=np.float64)
+    given = inference.predict_files(_config(run, top_k=10, prior=",".join(map(str, prior))), log=lambda line: None)
+    counts = experiment.load_run(str(run[0] / "run"))[1]["data"]["train_counts"]
+    expected = evaluation.softmax(evaluation.posthoc_adjust(_model_logits(run), prior, counts, 0.0))
+    order = [[t["class"] for t in p["top_k"]] for p in given["predictions"]]
+    np.testing.assert_allclose(_probabilities(given), np.take_along_axis(expected, np.array(order), 1), atol=1e-5)
+    np.testing.assert_allclose(given["prior_values"], prior / prior.sum())
+
+    estimated = inference.predict_files(_config(run, estimate_prior=True), log=lambda line: None)
+    em = evaluation.estimate_prior_em(evaluation.softmax(_model_logits(run)))  # mean lambda 0: balanced as is
+    assert estimated["prior"] == "estimated"
+    np.testing.assert_allclose(estimated["prior_values"], em, atol=1e-5)
+
+
+def test_parse_prior_by_hand(tmp_path):
+    np.testing.assert_allclose(inference.parse_prior("1,1,2", 3), [0.25, 0.25, 0.5])
+    (tmp_path / "p.json").write_text("[2, 6]")
+    np.testing.assert_allclose(inference.parse_prior(str(tmp_path / "p.json"), 2), [0.25, 0.75])
+    (tmp_path / "p.txt").write_text("0.2\n0.3, 0.5\n")
+    np.testing.assert_allclose(inference.parse_prior(str(tmp_path / "p.txt"), 3), [0.2, 0.3, 0.5])
+    for bad, message in (("1,2", "expected 3 non-negative numbers"), ("1,-1,2", "non-negative"),
+                         ("a,b,c", "expected 3 numbers"), ("0,0,0", "positive sum")):
+        with pytest.raises(lt_data.DataError, match=message):
+            inference.parse_prior(bad, 3)
+
+
+def test_inputs_unreadable_files_and_outputs(run, tmp_path):
+    images = tmp_path / "mixed"
+    shutil.copytree(run[0] / "images", images)
+    (images / "empty.png").write_bytes(b"")
+    (images / "notes.jpg").write_text("not an image")
+    (images / "readme.md").write_text("not looked at: no image extension")
+    listed = tmp_path / "list.txt"
+    listed.write_text("mixed/nested/0.png 3\nmixed/nested/1.png\n")
+    logs = []
+    result = inference.predict_files(inference.PredictConfig(
+        model=str(run[0] / "run"), inputs=[str(images), str(listed), run[4][2]], output=str(tmp_path / "p.csv")),
+        log=logs.append)
+    assert len(result["predictions"]) == 6 + 2 + 1
+    assert result["skipped"] == [{"path": str(images / "empty.png"), "reason": "empty file"},
+                                 {"path": str(images / "notes.jpg"), "reason": "not a JPEG, PNG, GIF or BMP image"}]
+    assert f"skipping {images / 'empty.png'}: empty file" in logs
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 * 5 + 2 and rows[0]["rank"] == "1" and rows[-1]["skipped_because"].startswith("not a JPEG")
+    inference.predict_files(_config(run, output=str(tmp_path / "p.json")), log=lambda line: None)
+    saved = json.loads((tmp_path / "p.json").read_text())
+    assert len(saved["predictions"]) == 6 and saved["prior_values"] is None
+
+    with pytest.raises(lt_data.DataError, match=f"{images / 'empty.png'}: empty file .*--bad_images=skip"):
+        inference.predict_files(inference.PredictConfig(model=str(run[0] / "run"), inputs=[str(images)],
+                                                        bad_images="fail"), log=lambda line: None)
+    with pytest.raises(lt_data.DataError, match="'missing.png' does not exist"):
+        inference.image_paths(["missing.png"])
+
+
+def test_bad_models_and_settings(run, tmp_path):
+    with pytest.raises(experiment.RunError, match="neither a run folder"):
+        inference.load_classifier(str(tmp_path))
+    bare = tmp_path / "bare"
+    shutil.copytree(run[0] / "run" / "export" / "1", bare)
+    shutil.rmtree(bare / "assets.extra")
+    with pytest.raises(experiment.RunError, match="lacks assets.extra/balpoe_tf.json.*tools/export.py"):
+        inference.load_classifier(str(bare))
+    with pytest.raises(ConfigError, match="--estimate_prior=true: must be false when --prior is given"):
+        inference.PredictConfig(model="m", inputs=["x"], prior="1,2", estimate_prior=True)
+    with pytest.raises(ConfigError, match="--output=p.txt: must be empty or a file name ending in .csv or .json"):
+        inference.PredictConfig(model="m", inputs=["x"], output="p.txt")
+    with pytest.raises(ConfigError, match="--inputs=: must be one or more files"):
+        inference.PredictConfig(model="m")
+
+
+def test_predict_tool(run):
+    result = subprocess.run([sys.executable, "tools/predict.py", f"--model={run[0] / 'run'}",
+                             f"--inputs={run[4][0]}", "--top_k=2"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "1 image(s), 0 skipped; prior: no prior (the model's own)"
+    shown = lines[1].split("  ")[0]  # a long path is shown as "..." and its end
+    assert run[4][0].endswith(shown.removeprefix("...")) and lines[1].count("%") == 2
