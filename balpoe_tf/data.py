@@ -395,6 +395,12 @@ def _feature_key(features, kind, given: str, what: str, flag: str) -> str:
     return found[0]
 
 
+def _tfds_labels(records: tf.data.Dataset, label_key: str) -> np.ndarray:
+    """The labels of TFDS records (their images left encoded), in the records' order."""
+    batches = records.map(lambda ex: ex[label_key]).batch(65536).as_numpy_iterator()
+    return np.concatenate(list(batches) or [np.zeros(0, np.int64)])
+
+
 def load_tfds(name: str, data_dir: Optional[str] = None, download: bool = False, split_train: str = "train",
               split_test: str = "test", image_key: str = "", label_key: str = "", in_memory: str = "auto",
               image_size: int = 32) -> LabeledData:
@@ -422,7 +428,7 @@ def load_tfds(name: str, data_dir: Optional[str] = None, download: bool = False,
     label_key = _feature_key(features, tfds.features.ClassLabel, label_key, "label", "tfds_label_key")
     shape = features[image_key].shape
     memory = in_memory == "yes" or (in_memory == "auto" and None not in shape)
-    skip = {image_key: tfds.decode.SkipDecoding()}
+    skip = {image_key: tfds.decode.SkipDecoding()}  # labels are read without decoding images
     known = set(builder.info.splits) if builder.info.splits else set()
     for flag, split_name in (("tfds_split_train", split_train), ("tfds_split_test", split_test)):
         base = split_name.split("[")[0].split("+")[0]
@@ -433,9 +439,8 @@ def load_tfds(name: str, data_dir: Optional[str] = None, download: bool = False,
             arrays = [_to_arrays(builder.as_dataset(split=s, decoders=None).map(
                 lambda ex: (ex[image_key], ex[label_key]))) for s in (split_train, split_test)]
         else:
-            labels = [np.concatenate([b for b in builder.as_dataset(split=s, shuffle_files=False, decoders=skip)
-                                      .map(lambda ex: ex[label_key]).batch(65536).as_numpy_iterator()] or
-                                     [np.zeros(0, np.int64)]) for s in (split_train, split_test)]
+            labels = [_tfds_labels(builder.as_dataset(split=s, shuffle_files=False, decoders=skip), label_key)
+                      for s in (split_train, split_test)]
     except (AssertionError, tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
         raise _unavailable(name, data_dir, builder, e) from e
     names = features[label_key].names

@@ -291,8 +291,10 @@ def check_run_folder(config: RunConfig):
     with open(path) as f:
         saved = json.load(f)["config"]
     current = dataclasses.asdict(config)
-    diffs = [f"--{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in current
-             if k not in RUN_CONTROL and saved.get(k) != current[k]]
+    # A setting added after the run was saved had its default then.
+    saved = {**dataclasses.asdict(RunConfig()), **saved}
+    diffs = [f"--{k}: saved {saved[k]!r}, now {current[k]!r}" for k in current
+             if k not in RUN_CONTROL and saved[k] != current[k]]
     if diffs:
         raise RunError(f"{config.output_dir} holds a checkpoint of a different run ("
                        + "; ".join(diffs) + "): use a new --output_dir, or the saved settings "

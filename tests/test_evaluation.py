@@ -168,3 +168,22 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
         evaluation.EvalConfig(run_dir=str(run), distributions="forward50,up")
     with pytest.raises(ConfigError, match="--priors=none,oracle: must be a comma-separated list of one of"):
         evaluation.EvalConfig(run_dir=str(run), priors="none,oracle")
+
+
+def test_shifted_sets_of_a_run_streamed_from_tfds(tmp_path):
+    import tensorflow_datasets as tfds
+
+    run = tmp_path / "streamed"
+    config = experiment.RunConfig(output_dir=str(run), dataset="tfds:mnist", tfds_in_memory="no", image_size=28,
+                                  imbalance_ratio=2, augment="none", backbone="resnet8", epochs=1, batch_size=64,
+                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1, export=False)
+    with tfds.testing.mock_data(num_examples=300):
+        experiment.train(config, log=lambda line: None)
+        data = experiment.load_data(config)
+        results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), priors="none,known"),
+                                           log=lambda line: None)
+    assert data.test.stream is not None
+    assert set(results["streamed"]) == set(evaluation.DISTRIBUTIONS)
+    assert results["streamed"]["uniform"]["none"]["size"] == len(data.test) == 300
+    expected = evaluation.shifted_indices(data.test.labels, data.train_counts(), "forward10")
+    assert results["streamed"]["forward10"]["none"]["size"] == len(expected)

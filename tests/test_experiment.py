@@ -241,7 +241,8 @@ def _check_hparams_dashboard(out, balpoe_results, ce_results):
     experiment_info = metadata.parse_experiment_plugin_data(content["tensorboard"][metadata.EXPERIMENT_TAG])
     assert [m.name.tag for m in experiment_info.metric_infos] == [f"final/{m}" for m in experiment.FINAL_METRICS]
     domains = {h.name: list(h.domain_discrete.values) for h in experiment_info.hparam_infos}
-    assert "digits" in [v.string_value for v in domains["dataset"]] and "output_dir" not in domains
+    assert "resnet8" in [v.string_value for v in domains["backbone"]] and "output_dir" not in domains
+    assert not domains["dataset"]  # tfds:NAME takes any name: no list of values
     for run, results in (("tensorboard", balpoe_results), (os.path.join("baseline_ce", "tensorboard"), ce_results)):
         for name in ("accuracy", "ece", "nll"):
             (event,) = mux.Tensors(run, f"final/{name}")
@@ -351,6 +352,13 @@ def test_incompatible_run_folder_is_refused(tmp_path):
     with pytest.raises(experiment.RunError, match="checkpoint of a different run.*--lambdas"):
         experiment.check_run_folder(dataclasses.replace(config, lambdas=[0.0, 0.0, 0.0]))
     experiment.check_run_folder(dataclasses.replace(config, eval_every=5))  # run control may change
+    # A run saved before a setting existed resumes when the setting keeps its default.
+    record = json.loads((tmp_path / "config.json").read_text())
+    del record["config"]["tfds_split_train"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    experiment.check_run_folder(config)
+    with pytest.raises(experiment.RunError, match="--tfds_split_train: saved 'train', now 'x'"):
+        experiment.check_run_folder(dataclasses.replace(config, tfds_split_train="x"))
     os.remove(tmp_path / "config.json")
     with pytest.raises(experiment.RunError, match="no config.json"):
         experiment.check_run_folder(config)
