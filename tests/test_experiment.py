@@ -143,6 +143,15 @@ def test_config_files_build_their_run(group, monkeypatch, tmp_path):
     assert not os.listdir(tmp_path)  # a dry run writes nothing
 
 
+def test_setting_files_are_a_few_lines_on_their_base():
+    ir50, ir100 = (dataclasses.asdict(parse(f"--flagfile=configs/cifar100_ir{r}.flags")) for r in (50, 100))
+    assert {k for k in ir50 if ir50[k] != ir100[k]} == {"imbalance_ratio", "output_dir"}
+    for path in CONFIGS:
+        text = Path(path).read_text()
+        if "--flagfile=" in text:
+            assert sum(1 for line in text.splitlines() if line.startswith("--")) <= 12, path
+
+
 def test_paper_settings_in_configs():
     c = parse("--flagfile=configs/cifar100_ir100.flags")
     assert (c.dataset, c.imbalance_ratio, c.epochs, c.batch_size, c.lr, c.warmup_epochs) == \
