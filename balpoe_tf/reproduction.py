@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 
 import tensorflow as tf
+from tensorboard.compat.proto import event_pb2
 
 from balpoe_tf import evaluation, experiment
 from balpoe_tf.config import NON_EMPTY, Check, at_least, config_field, each, one_of, validate
@@ -60,7 +61,8 @@ def training_time(run_dir: str) -> dict:
     seconds, epochs = 0.0, 0
     for path in glob.glob(os.path.join(run_dir, "tensorboard", "train", "events.*")):
         start, ends = None, []
-        for event in tf.compat.v1.train.summary_iterator(path):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
             if start is None:
                 start = event.wall_time
             if any(v.tag == "epoch_loss" for v in event.summary.value):
