@@ -32,8 +32,7 @@ METHODS = {
     "uniform": ("uniform ensemble", "uniform"),
 }
 # Balanced-test metrics of the summary, in percent except NLL.
-SUMMARY_METRICS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
-PRIOR_MODES = ("none", "known", "estimated")
+SUMMARY_METRICS = experiment.RESULT_COLUMNS
 
 
 def method_config(base: experiment.RunConfig, method: str, seed: int, run_root: str) -> experiment.RunConfig:
@@ -81,7 +80,7 @@ def evaluate_run(run_dir: str, log: Callable[[str], None] = print) -> dict:
     name = os.path.basename(os.path.normpath(run_dir))
     model = os.path.join(run_dir, "model.keras")
     if not (os.path.isfile(cached) and os.path.getmtime(cached) > os.path.getmtime(model)):
-        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=run_dir, priors=",".join(PRIOR_MODES),
+        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=run_dir, priors=",".join(evaluation.PRIOR_MODES),
                                                        output_dir=out), log=lambda line: None)
         log(f"evaluated {run_dir}")
     with open(cached) as f:
