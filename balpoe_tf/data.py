@@ -33,6 +33,8 @@ PRIOR_FLOOR = 1e-8
 # The images kept by long-tailed sampling depend on this seed only, never on the
 # run seed, as in the reference (LDAM-DRW) code.
 SAMPLING_SEED = 0
+# Seeds the held-out split (apart from SAMPLING_SEED so the long-tailed subset does not change).
+HOLDOUT_SEED = 1
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -89,6 +91,8 @@ class LabeledData:
         test_crop: for image files, the test transform resizes the shorter side to
             `size / test_crop` and crops the centre `size` (0.875: resize 256, crop
             224); 0 resizes the whole image to `size`.
+        holdout: training-distribution images set aside by `hold_out` (never trained
+            on), for calibration; None when there is none.
     """
 
     name: str
@@ -99,6 +103,7 @@ class LabeledData:
     mean: tuple
     std: tuple
     test_crop: float = 0.0
+    holdout: Optional[Split] = None
 
     @property
     def num_classes(self) -> int:
@@ -242,6 +247,29 @@ def make_long_tailed(data: LabeledData, imbalance_ratio: float,
     keep = long_tailed_indices(data.train.labels, target, seed)
     return dataclasses.replace(data, name=f"{data.name}-LT{imbalance_ratio:g}",
                                train=data.train.take(keep))
+
+
+def hold_out(data: LabeledData, fraction: float, seed: int = HOLDOUT_SEED) -> LabeledData:
+    """Set aside `round(fraction * n_c)` training images of each class c (at least one
+    when the class has two or more), chosen by a generator seeded apart from the run, so
+    every method trained on the same data holds out the same images.
+
+    Args:
+        data: dataset whose training split is divided.
+        fraction: share of each class to set aside, in (0, 1).
+        seed: seed of the choice.
+
+    Returns:
+        The dataset with the rest as `train` and the set-aside images as `holdout`.
+    """
+    counts = data.train_counts()
+    if not 0 < fraction < 1:
+        raise DataError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    taken = np.where(counts >= 2, np.maximum(np.round(fraction * counts), 1), 0).astype(np.int64)
+    taken = np.minimum(taken, np.maximum(counts - 1, 0))
+    held = long_tailed_indices(data.train.labels, taken, seed)
+    rest = np.setdiff1d(np.arange(len(data.train)), held)
+    return dataclasses.replace(data, train=data.train.take(rest), holdout=data.train.take(np.sort(held)))
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from balpoe_tf import __version__, export, losses, models, training
+from balpoe_tf import __version__, export, label_shift, losses, models, training
 from balpoe_tf.progress import Progress, hms
 from balpoe_tf import data as lt_data
 from balpoe_tf.config import (FINITE, NON_EMPTY, Check, at_least, between, config_field, each, either,
@@ -87,6 +87,9 @@ class RunConfig:
     test_crop: float = config_field(0.0, "Image files: test resize to size/test_crop, centre crop (0.875); "
                                          "0 resizes the whole image.",
                                     either(0, Check(lambda v: 0 < v <= 1, "in (0, 1]"), "off"))
+    holdout_fraction: float = config_field(0.0, "Share of each class's training images set aside (never trained "
+                                                "on) to calibrate the ensemble for test-time prior estimation "
+                                                "(0: none, as in the paper).", between(0, 0.5, open_high=True))
     bad_images: str = config_field("fail", "Image files that are not images: 'fail' naming the file, "
                                            "or 'skip' them with a message.", one_of(("fail", "skip")))
     # Model.
@@ -176,7 +179,7 @@ def load_data(config: RunConfig) -> lt_data.LabeledData:
             raise RunError("--tfds_images goes with --dataset=list (the lists name the images to take)")
         lt_data.extract_from_tfds([config.train_list, config.test_list], config.data_root,
                                   config.tfds_images, config.data_dir or None)
-    return lt_data.load_dataset(
+    data = lt_data.load_dataset(
         config.dataset, imbalance_ratio=config.imbalance_ratio or None, data_dir=config.data_dir or None,
         download=config.download, data_path=config.data_path, train_list=config.train_list,
         test_list=config.test_list, data_root=config.data_root,
@@ -184,6 +187,7 @@ def load_data(config: RunConfig) -> lt_data.LabeledData:
         mean=config.mean or None, std=config.std or None, test_crop=config.test_crop,
         split_train=config.tfds_split_train, split_test=config.tfds_split_test, image_key=config.tfds_image_key,
         label_key=config.tfds_label_key, in_memory=config.tfds_in_memory)
+    return lt_data.hold_out(data, config.holdout_fraction) if config.holdout_fraction else data
 
 
 def make_schedule(config: RunConfig, steps_per_epoch: int):
@@ -342,6 +346,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
     record = {
         "config": dataclasses.asdict(config),
         "data": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
+                 "holdout_size": 0 if data.holdout is None else len(data.holdout),
                  "test_size": len(data.test), "train_counts": data.train_counts().tolist(),
                  "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
                  "test_crop": data.test_crop,
@@ -702,10 +707,29 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     model.save(os.path.join(config.output_dir, "model.keras"))
     write_json(os.path.join(config.output_dir, "results.json"), {"epochs": config.epochs, "test": results})
     log(f"done: {config.output_dir}/model.keras, results.json")
+    calibration = None
+    if data.holdout is not None:
+        calibration = calibrate_on_holdout(model, data, config, test_batch).calibration
+        log(f"calibrated on {len(data.holdout)} held-out images: temperature {calibration.temperature:.3f}, "
+            f"balanced NLL {calibration.nll_before:.3f} -> {calibration.nll_after:.3f} "
+            f"({label_shift.CALIBRATION_FILE})")
     if config.export:
-        path = export.export_run(model, record, os.path.join(config.output_dir, "export"))
+        path = export.export_run(model, record, os.path.join(config.output_dir, "export"), calibration=calibration)
         log(f"SavedModel for TF Serving: {path}")
     return results
+
+
+def calibrate_on_holdout(model, data: lt_data.LabeledData, config: RunConfig, batch_size: int):
+    """Predict the held-out split, store its balanced logits in the run folder and fit the
+    calibrations test-time prior estimation uses (`label_shift.Holdout`)."""
+    forward = tf.function(lambda x: model(x, training=False)["logits"], autograph=False)
+    labels, logits = [], []
+    for images, y in lt_data.test_pipeline(data, batch_size, split=data.holdout, bad_images=config.bad_images):
+        labels.append(y.numpy())
+        logits.append(forward(images).numpy())
+    trained_log_prior = float(np.mean(config.lambdas)) * np.log(lt_data.class_prior(data.train_counts()))
+    return label_shift.save_holdout(config.output_dir, np.concatenate(labels),
+                                    np.concatenate(logits).astype(np.float64) - trained_log_prior)
 
 
 def _eval_epochs(config: RunConfig, start_epoch: int) -> list:

@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
+from balpoe_tf import label_shift
 from balpoe_tf.config import NON_EMPTY, at_least, config_field, greater_than, validate
 from balpoe_tf.data import PRIOR_FLOOR
 
@@ -129,8 +130,9 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
 
 def export_saved_model(model, export_dir: str, mean, std, class_names, train_counts,
                        mean_lambda: float, top_k: int = 5, test_crop: float = 0.0,
-                       max_pixels: int = MAX_IMAGE_PIXELS) -> str:
-    """Write the next version of `model` under `export_dir`; returns its folder."""
+                       max_pixels: int = MAX_IMAGE_PIXELS, calibration=None) -> str:
+    """Write the next version of `model` under `export_dir`; returns its folder. A
+    `label_shift.Calibration` goes into the metadata, for estimating deployment priors."""
     path = os.path.join(export_dir, str(next_version(export_dir)))
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -144,16 +146,18 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
     with open(os.path.join(path, "assets.extra", METADATA_NAME), "w") as f:
         json.dump({"class_names": [str(n) for n in class_names], "train_counts": [int(c) for c in train_counts],
                    "mean_lambda": float(mean_lambda), "image_shape": list(model.image_shape),
-                   "test_crop": float(test_crop)}, f, indent=1)
+                   "test_crop": float(test_crop),
+                   "calibration": None if calibration is None else calibration.to_dict()}, f, indent=1)
     return path
 
 
-def export_run(model, record: dict, export_dir: str, top_k: int = 5, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
+def export_run(model, record: dict, export_dir: str, top_k: int = 5, max_pixels: int = MAX_IMAGE_PIXELS,
+               calibration=None) -> str:
     """Export a run from its model and run record (config.json of tools/train.py)."""
     data = record["data"]
     return export_saved_model(model, export_dir, data["mean"], data["std"], data["class_names"],
                               data["train_counts"], float(np.mean(record["config"]["lambdas"])), top_k,
-                              data.get("test_crop", 0.0), max_pixels)
+                              data.get("test_crop", 0.0), max_pixels, calibration)
 
 
 
@@ -178,7 +182,8 @@ def export_from_config(config: ExportConfig, log=print) -> str:
     from balpoe_tf.experiment import load_run
 
     model, record = load_run(config.run_dir)
+    holdout = label_shift.load_holdout(config.run_dir)
     path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k,
-                      int(config.max_image_megapixels * 1e6))
+                      int(config.max_image_megapixels * 1e6), None if holdout is None else holdout.calibration)
     log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)})")
     return path

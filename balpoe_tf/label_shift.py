@@ -1,0 +1,266 @@
+"""Estimating an unknown test label prior from unlabeled predictions (label shift).
+
+Plain maximum-likelihood EM (Saerens et al., 2002) assumes calibrated posteriors; with a
+miscalibrated model it over-corrects. So the ensemble is first calibrated on a held-out
+split of the training data (bias-corrected temperature scaling, BCTS; Alexandari et al.,
+2020), re-weighted to the prior the ensemble targets, and EM runs on the calibrated
+posteriors. Black-box shift estimation (BBSE; Lipton et al., 2018) and a Dirichlet-MAP EM
+are offered beside it, and a likelihood-ratio test keeps the training-time prior when the
+unlabeled data give no significant evidence of a shift.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+from scipy import optimize, stats
+
+# Estimators by name; those after "map_em" need the run's held-out split.
+ESTIMATORS = ("em", "map_em", "bbse", "ts_em", "bcts_em")
+NEEDS_HOLDOUT = ("bbse", "ts_em", "bcts_em")
+DEFAULT_ESTIMATOR = "bcts_em"
+# Significance level of the likelihood-ratio test that keeps the model's prior (0: no test).
+DEFAULT_SAFEGUARD_LEVEL = 0.01
+# Dirichlet concentration per class of "map_em", in pseudo-samples added to every class.
+MAP_PSEUDO_COUNT = 10.0
+
+
+def softmax(logits):
+    """Softmax over the last axis, in float64."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Calibrated logits `logits / temperature + biases`.
+
+    Attributes:
+        temperature: > 1 softens an overconfident model, < 1 sharpens an underconfident one.
+        biases: `(C,)` per-class offsets (zeros for plain temperature scaling).
+        holdout_size: images it was fitted on.
+        nll_before, nll_after: re-weighted held-out NLL of the raw and calibrated logits.
+    """
+
+    temperature: float
+    biases: np.ndarray
+    holdout_size: int = 0
+    nll_before: float = float("nan")
+    nll_after: float = float("nan")
+
+    def apply(self, logits) -> np.ndarray:
+        return np.asarray(logits, np.float64) / self.temperature + self.biases
+
+    def to_dict(self) -> dict:
+        return {"temperature": float(self.temperature), "biases": [float(b) for b in self.biases],
+                "holdout_size": int(self.holdout_size), "nll_before": float(self.nll_before),
+                "nll_after": float(self.nll_after)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Calibration":
+        return cls(float(values["temperature"]), np.asarray(values["biases"], np.float64),
+                   int(values.get("holdout_size", 0)), float(values.get("nll_before", "nan")),
+                   float(values.get("nll_after", "nan")))
+
+
+def balancing_weights(labels, target_prior) -> np.ndarray:
+    """Per-sample weights that make a labeled set's class mix `target_prior` (mean 1)."""
+    labels = np.asarray(labels)
+    target = np.asarray(target_prior, np.float64)
+    counts = np.bincount(labels, minlength=len(target)).astype(np.float64)
+    per_class = np.divide(target, counts, out=np.zeros_like(target), where=counts > 0)
+    weights = per_class[labels]
+    return weights * len(labels) / weights.sum()
+
+
+def _weighted_nll(logits, labels, weights) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-(weights * log_p[np.arange(len(labels)), labels]).sum() / weights.sum())
+
+
+def fit_calibration(logits, labels, target_prior, biases: bool = True) -> Calibration:
+    """Fit (bias-corrected) temperature scaling by weighted maximum likelihood.
+
+    The NLL is convex in (1 / temperature, biases), so L-BFGS finds the optimum.
+
+    Args:
+        logits: `(N, C)` held-out ensemble logits.
+        labels: `(N,)` their classes.
+        target_prior: the class mix the calibrated posteriors should assume (the samples
+            are re-weighted to it): the prior the ensemble targets.
+        biases: fit per-class biases (BCTS) or the temperature alone (TS).
+
+    Returns:
+        The fitted `Calibration`.
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    n, c = logits.shape
+    weights = balancing_weights(labels, target_prior) / n
+    onehot = np.eye(c)[labels]
+
+    def objective(theta):
+        a, b = theta[0], (theta[1:] if biases else 0.0)
+        z = a * logits + b
+        z = z - z.max(axis=1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        residual = weights[:, None] * (np.exp(log_p) - onehot)
+        grad_a = np.sum(residual * logits)
+        grad = np.concatenate([[grad_a], residual.sum(axis=0)]) if biases else np.array([grad_a])
+        return -np.sum(weights * log_p[np.arange(n), labels]), grad
+
+    theta0 = np.concatenate([[1.0], np.zeros(c)]) if biases else np.array([1.0])
+    bounds = [(1e-3, 1e3)] + [(None, None)] * (c if biases else 0)
+    theta = optimize.minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+                              options={"maxiter": 1000}).x
+    fitted_biases = theta[1:] - theta[1:].mean() if biases else np.zeros(c)
+    calibration = Calibration(1.0 / theta[0], fitted_biases, n)
+    w = balancing_weights(labels, target_prior)
+    calibration.nll_before = _weighted_nll(logits, labels, w)
+    calibration.nll_after = _weighted_nll(calibration.apply(logits), labels, w)
+    return calibration
+
+
+def em(probs, base_prior, pseudo_count: float = 0.0, tol: float = 1e-8, max_iter: int = 1000) -> np.ndarray:
+    """Test prior by EM (Saerens et al., 2002), optionally maximum a posteriori.
+
+    Args:
+        probs: `(N, C)` posteriors under `base_prior`.
+        base_prior: the prior the posteriors assume.
+        pseudo_count: strength of a Dirichlet prior centred on `base_prior`, in
+            pseudo-samples per class (0: maximum likelihood).
+        tol: stop when the prior moves less than this (L1).
+        max_iter: iteration limit.
+
+    Returns:
+        `(C,)` estimated test prior.
+    """
+    probs = np.asarray(probs, np.float64)
+    base = np.asarray(base_prior, np.float64)
+    prior = base.copy()
+    for _ in range(max_iter):
+        adjusted = probs * (prior / base)
+        adjusted /= adjusted.sum(axis=1, keepdims=True)
+        new = (adjusted.sum(axis=0) + pseudo_count * len(base) * base) / (len(probs) + pseudo_count * len(base))
+        done = np.abs(new - prior).sum() < tol
+        prior = new
+        if done:
+            break
+    return prior
+
+
+def bbse(holdout_labels, holdout_logits, logits, base_prior) -> np.ndarray:
+    """Black-box shift estimation: solve P_test(pred = k) = sum_j P(pred = k | y = j) q_j
+    with the confusion rates of the held-out split; negative solutions are clipped."""
+    holdout_labels = np.asarray(holdout_labels)
+    c = len(base_prior)
+    confusion = np.zeros((c, c))
+    np.add.at(confusion, (np.argmax(holdout_logits, axis=1), holdout_labels), 1.0)
+    seen = confusion.sum(axis=0)
+    rates = np.divide(confusion, seen, out=np.zeros_like(confusion), where=seen > 0)
+    predicted = np.bincount(np.argmax(logits, axis=1), minlength=c) / len(logits)
+    q = np.linalg.lstsq(rates, predicted, rcond=None)[0]
+    q = np.where(seen > 0, np.maximum(q, 0.0), np.asarray(base_prior))
+    return q / q.sum() if q.sum() > 0 else np.asarray(base_prior, np.float64)
+
+
+def log_likelihood_ratio(probs, prior, base_prior) -> float:
+    """log p(x_1..N | prior) - log p(x_1..N | base_prior) of unlabeled data, from posteriors
+    under `base_prior`."""
+    ratio = np.asarray(prior, np.float64) / np.asarray(base_prior, np.float64)
+    return float(np.sum(np.log(np.asarray(probs, np.float64) @ ratio)))
+
+
+def shift_is_significant(probs, prior, base_prior, level: float) -> bool:
+    """Whether 2 x the log-likelihood ratio exceeds the chi-square(C - 1) quantile at
+    `level` (Wilks): the data favour `prior` over `base_prior` beyond chance."""
+    if level <= 0:
+        return True
+    statistic = 2.0 * log_likelihood_ratio(probs, prior, base_prior)
+    return statistic > stats.chi2.ppf(1.0 - level, len(base_prior) - 1)
+
+
+@dataclasses.dataclass
+class Holdout:
+    """A run's held-out predictions (balanced logits: the trained prior removed) and the
+    calibrations fitted on them, re-weighted to a balanced class mix."""
+
+    labels: np.ndarray
+    balanced_logits: np.ndarray
+    calibration: Calibration
+    temperature_only: Calibration
+
+    @classmethod
+    def fit(cls, labels, balanced_logits) -> "Holdout":
+        uniform = np.full(np.shape(balanced_logits)[1], 1.0 / np.shape(balanced_logits)[1])
+        return cls(np.asarray(labels), np.asarray(balanced_logits, np.float64),
+                   fit_calibration(balanced_logits, labels, uniform),
+                   fit_calibration(balanced_logits, labels, uniform, biases=False))
+
+
+def estimate_prior(method: str, balanced_logits, base_prior, holdout: Optional[Holdout] = None,
+                   calibration: Optional[Calibration] = None,
+                   safeguard_level: float = DEFAULT_SAFEGUARD_LEVEL) -> np.ndarray:
+    """The test prior of a batch of unlabeled inputs.
+
+    Args:
+        method: one of `ESTIMATORS`.
+        balanced_logits: `(N, C)` ensemble logits with the trained prior removed
+            (`logits - mean_lambda * log pi_train`).
+        base_prior: the prior the model predicts with by itself (`pi_train^mean_lambda`,
+            uniform for mean lambda 0), which the safeguard keeps.
+        holdout: the run's held-out predictions (needed by `NEEDS_HOLDOUT`).
+        calibration: for "bcts_em" when only the calibration is at hand (a served model).
+        safeguard_level: keep `base_prior` unless the likelihood-ratio test rejects it at
+            this level (0: always take the estimate).
+
+    Returns:
+        `(C,)` estimated prior.
+    """
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown prior estimator {method!r}; choose from {ESTIMATORS}")
+    if holdout is not None and method in ("ts_em", "bcts_em"):
+        calibration = holdout.temperature_only if method == "ts_em" else holdout.calibration
+    if method in NEEDS_HOLDOUT and (holdout is None if method == "bbse" else calibration is None):
+        raise ValueError(f"the {method} prior estimator needs a held-out split: train with --holdout_fraction "
+                         "(e.g. 0.1), or choose the em or map_em estimator")
+    base = np.asarray(base_prior, np.float64)
+    log_base = np.log(base)
+    calibrated = method in ("ts_em", "bcts_em")
+    probs = softmax((calibration.apply(balanced_logits) if calibrated else balanced_logits) + log_base)
+    if method == "bbse":
+        prior = bbse(holdout.labels, holdout.balanced_logits + log_base, np.asarray(balanced_logits) + log_base,
+                     base)
+    else:
+        prior = em(probs, base, MAP_PSEUDO_COUNT if method == "map_em" else 0.0)
+    return prior if shift_is_significant(probs, prior, base, safeguard_level) else base
+
+
+HOLDOUT_FILE = "holdout_predictions.npz"
+CALIBRATION_FILE = "calibration.json"
+
+
+def save_holdout(run_dir: str, labels, balanced_logits) -> Holdout:
+    """Store a run's held-out predictions, fit the calibrations and record them
+    (`calibration.json`: temperature, biases and held-out NLL before and after)."""
+    holdout = Holdout.fit(labels, balanced_logits)
+    np.savez(os.path.join(run_dir, HOLDOUT_FILE), labels=np.asarray(labels),
+             balanced_logits=np.asarray(balanced_logits, np.float32))
+    with open(os.path.join(run_dir, CALIBRATION_FILE), "w") as f:
+        json.dump({"bcts": holdout.calibration.to_dict(), "temperature_scaling": holdout.temperature_only.to_dict()},
+                  f, indent=1)
+    return holdout
+
+
+def load_holdout(run_dir: str) -> Optional[Holdout]:
+    """The held-out predictions of a run trained with --holdout_fraction (None without)."""
+    path = os.path.join(run_dir, HOLDOUT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as saved:
+        return Holdout.fit(saved["labels"], saved["balanced_logits"].astype(np.float64))
