@@ -1,5 +1,6 @@
 """The paper's evaluation protocol: shifted (forward / backward long-tailed) test sets,
-test-time priors (none, known, estimated by EM), calibration and paper-style tables.
+test-time priors (none, known, estimated from the unlabeled test inputs), calibration and
+paper-style tables.
 
 The model runs once over the balanced test set; every shifted set is a subset of it, so
 its metrics come from indexing the stored logits.
@@ -15,9 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import experiment
+from balpoe_tf import experiment, label_shift
 from balpoe_tf import metrics as lt_metrics
-from balpoe_tf.config import Check, at_least, config_field, one_of, validate
+from balpoe_tf.config import Check, at_least, between, config_field, one_of, validate
 from balpoe_tf.progress import Progress
 
 SHIFT_RATIOS = (50, 25, 10, 5, 2)
@@ -62,13 +63,6 @@ def shifted_indices(test_labels, train_counts, name: str) -> np.ndarray:
     return lt_data.long_tailed_indices(np.asarray(test_labels), shifted_counts(train_counts, counts.min(), name))
 
 
-def model_prior(train_counts, mean_lambda: float) -> np.ndarray:
-    """The label prior an ensemble with mean lambda targets: pi^lambda_bar, normalised."""
-    log_p = mean_lambda * np.log(lt_data.class_prior(train_counts))
-    p = np.exp(log_p - log_p.max())
-    return p / p.sum()
-
-
 def posthoc_adjust(logits, target_prior, train_counts, mean_lambda: float = 0.0):
     """Logits re-targeted to `target_prior`: `+ log p_target - lambda_bar * log pi_train`.
 
@@ -83,41 +77,6 @@ def posthoc_adjust(logits, target_prior, train_counts, mean_lambda: float = 0.0)
     target = np.maximum(target / target.sum(), PRIOR_FLOOR)
     bias = np.log(target) - mean_lambda * np.log(lt_data.class_prior(train_counts))
     return np.asarray(logits, np.float64) + bias
-
-
-def softmax(logits):
-    """Softmax over the last axis, in float64."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def estimate_prior_em(probs, model_prior_: Optional[np.ndarray] = None, tol: float = 1e-8,
-                      max_iter: int = 1000) -> np.ndarray:
-    """Test label prior from unlabeled predictions, by EM (Saerens et al., 2002).
-
-    Args:
-        probs: `(N, C)` calibrated posteriors under the model's prior.
-        model_prior_: the prior the posteriors assume (uniform if None).
-        tol: stop when the prior moves less than this (L1).
-        max_iter: iteration limit.
-
-    Returns:
-        `(C,)` estimated test prior.
-    """
-    probs = np.asarray(probs, np.float64)
-    base = np.full(probs.shape[1], 1.0 / probs.shape[1]) if model_prior_ is None else np.asarray(model_prior_)
-    prior = base.copy()
-    for _ in range(max_iter):
-        adjusted = probs * (prior / base)
-        adjusted /= adjusted.sum(axis=1, keepdims=True)
-        new = adjusted.mean(axis=0)
-        done = np.abs(new - prior).sum() < tol
-        prior = new
-        if done:
-            break
-    return prior
 
 
 def brier_score(labels, probs) -> float:
@@ -140,7 +99,7 @@ def set_metrics(labels, logits, train_counts) -> dict:
     confidence minus accuracy: the sign ECE lacks, negative for an underconfident model) of
     one set of predictions."""
     out = lt_metrics.evaluate_logits(labels, np.asarray(logits, np.float32), train_counts)
-    probs = softmax(logits)
+    probs = label_shift.softmax(logits)
     out["brier"] = brier_score(labels, probs)
     out["overconfidence"] = float(np.mean(np.max(probs, axis=-1)) - out["accuracy"])
     out["size"] = int(len(labels))
@@ -184,8 +143,8 @@ def expert_report(preds: Predictions, train_counts, lambdas: Sequence[float]) ->
     for m, lam in enumerate(list(lambdas) + [None]):
         logits = preds.logits if lam is None else preds.expert_logits[:, m]
         lam_value = float(np.mean(lambdas)) if lam is None else float(lam)
-        target = model_prior(train_counts, lam_value)
-        marginal = softmax(logits).mean(axis=0)
+        target = label_shift.model_prior(train_counts, lam_value)
+        marginal = label_shift.softmax(logits).mean(axis=0)
         rows["ensemble" if lam is None else f"expert{m}"] = {
             "lambda": lam_value,
             "accuracy": float(np.mean(np.argmax(logits, 1) == preds.labels)),
@@ -194,10 +153,19 @@ def expert_report(preds: Predictions, train_counts, lambdas: Sequence[float]) ->
     return rows
 
 
+def estimated_mode(estimator: str, primary: bool) -> str:
+    """The results key of an estimator's rows: "estimated" for the one in use, else
+    "estimated:NAME" (for comparing estimators)."""
+    return "estimated" if primary else f"estimated:{estimator}"
+
+
 def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
                          distributions: Sequence[str] = DISTRIBUTIONS,
                          prior_modes: Sequence[str] = PRIOR_MODES,
-                         subsets: Optional[Dict[str, np.ndarray]] = None) -> dict:
+                         subsets: Optional[Dict[str, np.ndarray]] = None,
+                         estimators: Sequence[str] = (label_shift.DEFAULT_ESTIMATOR,),
+                         holdout: Optional[label_shift.Holdout] = None,
+                         safeguard_level: float = label_shift.DEFAULT_SAFEGUARD_LEVEL) -> dict:
     """Metrics of every (distribution, prior mode).
 
     Args:
@@ -208,12 +176,21 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
         prior_modes: subset of `PRIOR_MODES`.
         subsets: optional fixed index sets by distribution name (e.g. from list files);
             others are built with `shifted_indices`.
+        estimators: with "estimated" in `prior_modes`, the `label_shift.ESTIMATORS` to
+            measure: the first under "estimated", the others under "estimated:NAME".
+        holdout: the run's held-out predictions, for the estimators that need them.
+        safeguard_level: see `label_shift.estimate_prior`.
 
     Returns:
-        `{distribution: {prior_mode: metrics}}`; each distribution also has `counts`.
+        `{distribution: {prior_mode: metrics}}`; each distribution also has `counts`, and
+        each estimate its `estimator`, `prior` and `prior_l1_error`.
     """
     num_classes = preds.logits.shape[1]
-    base = model_prior(train_counts, mean_lambda)
+    base = label_shift.model_prior(train_counts, mean_lambda)
+    trained_log_prior = mean_lambda * np.log(lt_data.class_prior(train_counts))
+    modes = [m for m in prior_modes if m != "estimated"]
+    if "estimated" in prior_modes:
+        modes += [(name, i == 0) for i, name in enumerate(estimators)]
     results = {}
     for name in distributions:
         idx = (subsets or {}).get(name)
@@ -222,20 +199,23 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
         labels, logits = preds.labels[idx], preds.logits[idx]
         counts = np.bincount(labels, minlength=num_classes)
         entry = {"counts": counts.tolist()}
-        for mode in prior_modes:
+        for mode in modes:
             if mode == "none":
-                adjusted, prior = logits, None
+                entry[mode] = set_metrics(labels, logits, train_counts)
             elif mode == "known":
                 prior = counts / counts.sum()
-                adjusted = posthoc_adjust(logits, prior, train_counts, mean_lambda)
-            elif mode == "estimated":
-                prior = estimate_prior_em(softmax(logits), base)
-                adjusted = posthoc_adjust(logits, prior, train_counts, mean_lambda)
+                entry[mode] = set_metrics(labels, posthoc_adjust(logits, prior, train_counts, mean_lambda),
+                                          train_counts)
+            elif isinstance(mode, tuple):
+                estimator, primary = mode
+                prior = label_shift.estimate_prior(estimator, logits - trained_log_prior, base, holdout,
+                                                   safeguard_level=safeguard_level)
+                metrics = set_metrics(labels, posthoc_adjust(logits, prior, train_counts, mean_lambda), train_counts)
+                metrics.update(estimator=estimator, prior=prior.tolist(),
+                               prior_l1_error=float(np.abs(prior - counts / counts.sum()).sum()))
+                entry[estimated_mode(estimator, primary)] = metrics
             else:
                 raise ValueError(f"unknown prior mode {mode!r}; choose from {PRIOR_MODES}")
-            entry[mode] = set_metrics(labels, adjusted, train_counts)
-            if mode == "estimated":
-                entry[mode]["prior_l1_error"] = float(np.abs(prior - counts / counts.sum()).sum())
         results[name] = entry
     return results
 
@@ -243,7 +223,20 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
 # ---------------------------------------------------------------------------------------
 # Reports.
 
-_TITLES = {"none": "no prior", "known": "+ known test prior", "estimated": "+ prior estimated by EM"}
+_TITLES = {"none": "no prior", "known": "+ known test prior"}
+
+
+def _title(results: dict, mode: str) -> str:
+    if mode in _TITLES:
+        return _TITLES[mode]
+    # Results saved before estimators had names came from plain EM.
+    return f"+ prior estimated ({next(iter(results.values()))[mode].get('estimator', 'em')})"
+
+
+def result_modes(results: dict) -> list:
+    """The prior modes of one run's results, in table order."""
+    first = next(iter(results.values()))
+    return [m for m in first if m in PRIOR_MODES] + [m for m in first if m.startswith("estimated:")]
 
 
 def _column(name):
@@ -255,9 +248,8 @@ def accuracy_table(results_by_run: Dict[str, dict], metric: str = "accuracy") ->
     """Rows `[method, prior mode, value per distribution...]` in the paper's layout (%)."""
     rows = []
     for run, results in results_by_run.items():
-        modes = [m for m in PRIOR_MODES if m in next(iter(results.values()))]
-        for mode in modes:
-            rows.append([run, _TITLES[mode]] + [100.0 * results[d][mode][metric] for d in results])
+        for mode in result_modes(results):
+            rows.append([run, _title(results, mode)] + [100.0 * results[d][mode][metric] for d in results])
     return rows
 
 
@@ -287,10 +279,12 @@ def mean_over_seeds(results: Sequence[dict]):
 
     Returns:
         (mean, std), nested like one input. NaN entries (an empty group) are ignored and a leaf
-        that is NaN in every seed stays NaN; the std of one seed is NaN; lists (per-class counts)
-        are left out.
+        that is NaN in every seed stays NaN; the std of one seed is NaN; lists (per-class counts,
+        estimated priors) are left out; names (the estimator) are kept as the first seed's.
     """
     first = results[0]
+    if isinstance(first, str):
+        return first, first
     if not isinstance(first, dict):
         return _leaf_statistics(results)
     pairs = {k: mean_over_seeds([r[k] for r in results])
@@ -318,12 +312,12 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
     for run, results in results_by_run.items():
         if "uniform" not in results:
             continue
-        for mode in PRIOR_MODES:
+        for mode in result_modes(results):
             if mode in results["uniform"]:
                 m = results["uniform"][mode]
                 cells = [experiment.percent(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
                                                             "few_accuracy", "ece", "mce", "overconfidence")]
-                lines.append(f"| {run} | {_TITLES[mode]} | " + " | ".join(cells)
+                lines.append(f"| {run} | {_title(results, mode)} | " + " | ".join(cells)
                              + f" | {m['nll']:.3f} | {m['brier']:.3f} |")
     for run, detail in details.items():
         lines += ["", f"Experts of {run} on the balanced test set: accuracy (%) and "
@@ -374,6 +368,20 @@ class EvalConfig:
     priors: str = config_field(",".join(PRIOR_MODES), "Comma-separated test-time prior modes.",
                                _comma_list(one_of(PRIOR_MODES)))
     output_dir: str = config_field("", "Where the reports go (default: RUN_DIR/evaluation of the first run).")
+    prior_estimator: str = config_field(label_shift.DEFAULT_ESTIMATOR, "How the 'estimated' prior mode estimates "
+                                        "the test prior: bcts_em (EM on posteriors calibrated on the run's "
+                                        "held-out split), ts_em, bbse, map_em or em (plain EM). A run without a "
+                                        "held-out split falls back to em, with a warning.",
+                                        one_of(label_shift.ESTIMATORS))
+    compare_estimators: str = config_field("", "More estimators to measure beside --prior_estimator "
+                                               "(comma-separated), as extra rows.",
+                                           Check(lambda v: not v.strip(",") or _comma_list(
+                                               one_of(label_shift.ESTIMATORS)).ok(v),
+                                                 "empty or a comma-separated list of "
+                                                 + ", ".join(label_shift.ESTIMATORS)))
+    prior_safeguard: float = config_field(label_shift.DEFAULT_SAFEGUARD_LEVEL, "Keep the model's own prior "
+                                          "unless a likelihood-ratio test finds a shift at this significance "
+                                          "level (0: always use the estimate).", between(0, 1, open_high=True))
     batch_size: int = config_field(256, "Prediction batch size.", at_least(1))
     shift_list_dir: str = config_field("", "Folder of standard shifted-set list files ('path label' lines) "
                                      "named *_<distribution>.txt (e.g. ImageNet_LT_forward50.txt); "
@@ -451,7 +459,14 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
         mean_lambda = float(np.mean(run_config.lambdas))
         subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
                                run_config.data_root)
-        results[name] = evaluate_predictions(preds, train_counts, mean_lambda, distributions, modes, subsets)
+        holdout = label_shift.load_holdout(run_dir)
+        estimators = _estimators(config, holdout is not None)
+        if estimators[0] != config.prior_estimator and "estimated" in modes:
+            log(f"warning: {name} has no held-out split, so its estimated prior is plain EM (uncalibrated: it "
+                f"over-corrects a miscalibrated model); train with --holdout_fraction=0.1 for "
+                f"--prior_estimator={config.prior_estimator}")
+        results[name] = evaluate_predictions(preds, train_counts, mean_lambda, distributions, modes, subsets,
+                                             estimators, holdout, config.prior_safeguard)
         details[name] = {"lambdas": run_config.lambdas, "mean_lambda": mean_lambda,
                          "experts": expert_report(preds, train_counts, run_config.lambdas)}
         _write_diagrams(preds, run_dir, output_dir, name)
@@ -460,6 +475,14 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
         log(f.read())
     log("reports: " + ", ".join(paths.values()))
     return results
+
+
+def _estimators(config: EvalConfig, has_holdout: bool) -> list:
+    """--prior_estimator then --compare_estimators, without those a run lacking a held-out
+    split cannot use (plain EM stands in for the first)."""
+    names = [config.prior_estimator] + [e for e in config.compare_estimators.split(",") if e]
+    usable = [e for e in dict.fromkeys(names) if has_holdout or e not in label_shift.NEEDS_HOLDOUT]
+    return usable if usable and usable[0] == config.prior_estimator else ["em"] + [e for e in usable if e != "em"]
 
 
 def _write_diagrams(preds: Predictions, run_dir: str, output_dir: str, name: str):

@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, export
-from balpoe_tf.config import NON_EMPTY, Check, at_least, config_field, one_of, refuse, validate
+from balpoe_tf import experiment, export, label_shift
+from balpoe_tf.config import NON_EMPTY, Check, at_least, between, config_field, one_of, refuse, validate
 
 
 @dataclasses.dataclass
@@ -34,8 +34,17 @@ class PredictConfig:
     top_k: int = config_field(5, "Classes shown per image (at most the class count).", at_least(1))
     prior: str = config_field("", "Deployment prior: counts or probabilities, one per class, as a comma list "
                                   "or a file of numbers (commas, spaces or new lines, or a JSON list).")
-    estimate_prior: bool = config_field(False, "Estimate the label prior of the given images by EM "
-                                               "(as tools/evaluate.py does) and apply it.")
+    estimate_prior: bool = config_field(False, "Estimate the label prior of the given images (with "
+                                               "--prior_estimator) and apply it.")
+    prior_estimator: str = config_field(label_shift.DEFAULT_ESTIMATOR, "How --estimate_prior estimates: bcts_em "
+                                        "(EM on posteriors calibrated on the run's held-out split; needs a run "
+                                        "trained with --holdout_fraction), ts_em, bbse (run folders only), map_em "
+                                        "or em (plain EM, uncalibrated).", one_of(label_shift.ESTIMATORS))
+    prior_safeguard: float = config_field(label_shift.DEFAULT_SAFEGUARD_LEVEL, "Keep the model's own prior "
+                                          "unless a likelihood-ratio test finds a shift at this significance "
+                                          "level (0: always use the estimate).", between(0, 1, open_high=True))
+    save_prior: str = config_field("", "Write the estimated (or given) prior to this JSON file: one probability "
+                                       "per class, the list --prior and TF Serving's predict_with_prior take.")
     output: str = config_field("", "Also write the predictions to this .csv or .json file.",
                                Check(lambda v: not v or v.lower().endswith((".csv", ".json")),
                                      "empty or a file name ending in .csv or .json"))
@@ -47,6 +56,8 @@ class PredictConfig:
         validate(self)
         if self.prior and self.estimate_prior:
             refuse("estimate_prior", True, "false when --prior is given (one prior at a time)")
+        if self.save_prior and not (self.prior or self.estimate_prior):
+            refuse("save_prior", self.save_prior, "empty without --estimate_prior or --prior (no prior to save)")
 
 
 METADATA_FILE = os.path.join("assets.extra", export.METADATA_NAME)
@@ -62,6 +73,8 @@ class Classifier:
     mean_lambda: float
     balanced_logits: Callable[[Sequence[bytes]], np.ndarray]
     source: str
+    holdout: Optional[label_shift.Holdout] = None  # a run folder's held-out predictions
+    calibration: Optional[label_shift.Calibration] = None  # a SavedModel's calibration
 
     def trained_log_prior(self) -> np.ndarray:
         """`lambda_bar * log pi_train`: what the model adds to balanced logits by itself."""
@@ -91,7 +104,8 @@ def load_classifier(path: str) -> Classifier:
             images = tf.stack([lt_data.test_transform(c, shape, data.get("test_crop", 0.0)) for c in contents])
             return forward(normalize(images)).numpy().astype(np.float64) - bias
 
-        return Classifier(list(data["class_names"]), data["train_counts"], mean_lambda, balanced, path)
+        return Classifier(list(data["class_names"]), data["train_counts"], mean_lambda, balanced, path,
+                          holdout=label_shift.load_holdout(path))
     saved = _saved_model_dir(path)
     if saved is None:
         raise experiment.RunError(f"{path} is neither a run folder (config.json) nor a SavedModel "
@@ -108,7 +122,9 @@ def load_classifier(path: str) -> Classifier:
     def balanced(contents):
         return signature(images=tf.constant(list(contents)), log_prior=zeros)["logits"].numpy().astype(np.float64)
 
-    return Classifier(meta["class_names"], meta["train_counts"], meta["mean_lambda"], balanced, saved)
+    calibration = meta.get("calibration")
+    return Classifier(meta["class_names"], meta["train_counts"], meta["mean_lambda"], balanced, saved,
+                      calibration=None if calibration is None else label_shift.Calibration.from_dict(calibration))
 
 
 def image_paths(inputs: Sequence[str]) -> List[str]:
@@ -205,12 +221,17 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
     if known is not None:
         mode, prior = "given", known
     elif config.estimate_prior:
-        mode, prior = "estimated", evaluation.estimate_prior_em(evaluation.softmax(balanced))
+        mode = "estimated"
+        try:
+            prior = label_shift.estimate_prior(config.prior_estimator, balanced, label_shift.model_prior(classifier.train_counts, classifier.mean_lambda),
+                                               classifier.holdout, classifier.calibration, config.prior_safeguard)
+        except ValueError as e:
+            raise experiment.RunError(f"{config.model}: {e}") from None
     else:
         mode, prior = "none", None
     logits = balanced + (classifier.trained_log_prior() if prior is None
                          else np.log(np.maximum(prior, lt_data.PRIOR_FLOOR)))
-    probs = evaluation.softmax(logits)
+    probs = label_shift.softmax(logits)
     k = min(config.top_k, num_classes)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     predictions = [{"path": path, "top_k": [{"class": int(c), "name": classifier.class_names[c],
@@ -223,13 +244,16 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
     if config.output:
         write_predictions(result, config.output)
         log(f"wrote {config.output}")
+    if config.save_prior:
+        experiment.write_json(config.save_prior, prior.tolist())
+        log(f"wrote the prior to {config.save_prior}")
     return result
 
 
 def prediction_table(result: dict) -> List[str]:
     """Terminal lines: one per image, its top classes with probabilities."""
     titles = {"none": "no prior (the model's own)", "given": "the given prior",
-              "estimated": "the prior estimated by EM"}
+              "estimated": "the prior estimated from these images"}
     lines = [f"{len(result['predictions'])} image(s), {len(result['skipped'])} skipped; "
              f"prior: {titles[result['prior']]}"]
     width = min(max(len(p["path"]) for p in result["predictions"]), 60)

@@ -17,6 +17,8 @@ from typing import Optional
 import numpy as np
 from scipy import optimize, stats
 
+from balpoe_tf import data as lt_data
+
 # Estimators by name; those after "map_em" need the run's held-out split.
 ESTIMATORS = ("em", "map_em", "bbse", "ts_em", "bcts_em")
 NEEDS_HOLDOUT = ("bbse", "ts_em", "bcts_em")
@@ -33,6 +35,13 @@ def softmax(logits):
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def model_prior(train_counts, mean_lambda: float) -> np.ndarray:
+    """The label prior an ensemble with mean lambda targets: pi^lambda_bar, normalised."""
+    log_p = mean_lambda * np.log(lt_data.class_prior(train_counts))
+    p = np.exp(log_p - log_p.max())
+    return p / p.sum()
 
 
 @dataclasses.dataclass

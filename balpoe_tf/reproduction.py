@@ -202,7 +202,7 @@ def report(entries: Sequence[dict], title: str) -> List[str]:
             lines.append(f"| {METHODS[method][0]} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", *orderings(entries), "",
               "Accuracy (%) on the shifted test sets, mean over the finished seeds: no prior, the known test prior, "
-              "and the prior estimated by EM.", ""]
+              "and the prior estimated from the unlabeled test set (estimator in brackets).", ""]
     mean_results = {METHODS[m][0]: evaluation.mean_over_seeds([e["results"] for e in runs])[0]
                     for m, runs in finished.items()}
     lines += evaluation.accuracy_markdown(evaluation.accuracy_header(mean_results),

@@ -390,3 +390,17 @@ def test_tfds_errors_name_the_fix(tmp_path):
     with tfds.testing.mock_data(num_examples=20):
         with pytest.raises(lt_data.DataError, match="--tfds_label_key=colour: the dataset has no such feature"):
             lt_data.load_dataset("tfds:mnist", label_key="colour")
+
+
+def test_hold_out_sets_aside_a_fixed_share_of_each_class():
+    labels = np.repeat(np.arange(4), [20, 10, 1, 2])
+    data = lt_data.from_arrays("held", np.zeros((33, 4, 4, 3), np.uint8), labels,
+                               np.zeros((4, 4, 4, 3), np.uint8), np.arange(4))
+    held = lt_data.hold_out(data, 0.1)
+    # round(0.1 n) and at least one, but never a class's last image: 2, 1, 0, 1.
+    np.testing.assert_array_equal(np.bincount(held.holdout.labels, minlength=4), [2, 1, 0, 1])
+    np.testing.assert_array_equal(held.train_counts(), [18, 9, 1, 1])
+    again = lt_data.hold_out(data, 0.1)
+    np.testing.assert_array_equal(again.holdout.labels, held.holdout.labels)
+    with pytest.raises(lt_data.DataError, match=r"held-out fraction must be in \(0, 1\)"):
+        lt_data.hold_out(data, 1.0)

@@ -1,12 +1,13 @@
 import csv
 import glob
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment
+from balpoe_tf import evaluation, experiment, label_shift
 from balpoe_tf.config import ConfigError
 
 CIFAR100_SIZES = {"forward50": 2486, "forward25": 2956, "forward10": 3876, "forward5": 4932,
@@ -59,26 +60,10 @@ def test_posthoc_adjustment_by_hand():
         evaluation.posthoc_adjust(logits, [1.5, -0.5], [3, 1])
 
 
-def test_em_recovers_a_known_prior():
-    # Calibrated posteriors: three unit Gaussians at -2, 0, 2, uniform training prior.
-    rng = np.random.RandomState(0)
-    true_prior = np.array([0.6, 0.3, 0.1])
-    labels = rng.choice(3, size=30000, p=true_prior)
-    x = rng.randn(len(labels)) + np.array([-2.0, 0.0, 2.0])[labels]
-    log_lik = -0.5 * (x[:, None] - np.array([-2.0, 0.0, 2.0])) ** 2
-    probs = np.exp(log_lik - log_lik.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    estimate = evaluation.estimate_prior_em(probs)
-    assert np.abs(estimate - true_prior).sum() < 0.03  # the stated tolerance (L1)
-    assert np.abs(probs.mean(0) - true_prior).sum() > 0.1  # the naive average is far off
-
-
 def test_brier_and_kl_by_hand():
     assert evaluation.brier_score([0], [[0.75, 0.25]]) == pytest.approx(0.125)
     assert evaluation.kl_divergence([0.5, 0.5], [0.25, 0.75]) == pytest.approx(
         0.5 * math.log(2) + 0.5 * math.log(2 / 3))
-    np.testing.assert_allclose(evaluation.model_prior([3, 1], 0.0), [0.5, 0.5])
-    np.testing.assert_allclose(evaluation.model_prior([3, 1], -1.0), [0.25, 0.75])
 
 
 def test_empty_class_in_shifted_set_is_reported_as_nan():
@@ -143,11 +128,13 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     run = tmp_path / "tiny"
     config = experiment.RunConfig(output_dir=str(run), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
-                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
+                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1,
+                                  holdout_fraction=0.2)
     experiment.train(config, log=lambda line: None)
     logs = []
     capsys.readouterr()
-    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), progress_every=1e-9), log=logs.append)
+    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), progress_every=1e-9,
+                                                             compare_estimators="em,bbse"), log=logs.append)
     assert "tiny: predicting  step 2/2  " in capsys.readouterr().out
     out = run / "evaluation"
     for name in ("shifted_accuracy.md", "shifted_accuracy.csv", "evaluation.json", "reliability_tiny.png"):
@@ -155,12 +142,26 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     with open(out / "shifted_accuracy.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0][:3] == ["method", "prior", "Forward 50"] and rows[0][-1] == "Backward 50"
-    assert [r[1] for r in rows[1:]] == ["no prior", "+ known test prior", "+ prior estimated by EM"]
+    assert [r[1] for r in rows[1:]] == ["no prior", "+ known test prior", "+ prior estimated (bcts_em)",
+                                        "+ prior estimated (em)", "+ prior estimated (bbse)"]
+    uniform = results["tiny"]["uniform"]
+    assert uniform["estimated"]["estimator"] == "bcts_em" and uniform["estimated:bbse"]["estimator"] == "bbse"
+    assert uniform["estimated"]["prior_l1_error"] == pytest.approx(
+        np.abs(np.array(uniform["estimated"]["prior"]) - 0.1).sum())
     assert "| ECE | MCE | conf − acc |" in (out / "shifted_accuracy.md").read_text()
     assert set(results["tiny"]) == set(evaluation.DISTRIBUTIONS)
     assert results["tiny"]["uniform"]["none"]["size"] == 400
     assert glob.glob(str(run / "tensorboard" / "evaluation" / "events.*"))
     assert any("Forward 50" in line for line in logs)
+
+    # Without a held-out split the estimated prior is plain EM, and the log says why.
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns(label_shift.HOLDOUT_FILE))
+    logs = []
+    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(bare), distributions="uniform"),
+                                       log=logs.append)
+    assert results["bare"]["uniform"]["estimated"]["estimator"] == "em"
+    assert "warning: bare has no held-out split, so its estimated prior is plain EM" in logs[1]
 
     with pytest.raises(experiment.RunError, match="holds no trained model"):
         evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(tmp_path / "nothing")))

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, inference
+from balpoe_tf import evaluation, experiment, inference, label_shift
 from balpoe_tf.config import ConfigError
 from conftest import REPO
 
@@ -21,7 +21,8 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     config = experiment.RunConfig(output_dir=str(root / "run"), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
-                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
+                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1,
+                                  holdout_fraction=0.2)
     experiment.train(config, log=lambda line: None)
     data = experiment.load_data(config)
     pixels = data.test.images[::40][:6]  # six test images
@@ -56,7 +57,7 @@ def test_run_folder_and_saved_model_agree_with_the_model(run):
     by_saved = inference.predict_files(_config(run, top_k=3, model=str(run[0] / "run" / "export")),
                                        log=lambda line: None)
     assert by_run["prior"] == "none" and [p["path"] for p in by_run["predictions"]] == run[4]
-    probs = evaluation.softmax(_model_logits(run))
+    probs = label_shift.softmax(_model_logits(run))
     top = np.argsort(-probs, axis=1)[:, :3]
     assert [[t["class"] for t in p["top_k"]] for p in by_run["predictions"]] == top.tolist()
     assert [p["top_k"][0]["name"] for p in by_run["predictions"]] == [run[2].class_names[c] for c in top[:, 0]]
@@ -70,15 +71,32 @@ def test_given_and_estimated_priors_match_the_evaluation(run):
     prior = np.arange(1, 11, dtype=np.float64)
     given = inference.predict_files(_config(run, top_k=10, prior=",".join(map(str, prior))), log=lambda line: None)
     counts = experiment.load_run(str(run[0] / "run"))[1]["data"]["train_counts"]
-    expected = evaluation.softmax(evaluation.posthoc_adjust(_model_logits(run), prior, counts, 0.0))
+    expected = label_shift.softmax(evaluation.posthoc_adjust(_model_logits(run), prior, counts, 0.0))
     order = [[t["class"] for t in p["top_k"]] for p in given["predictions"]]
     np.testing.assert_allclose(_probabilities(given), np.take_along_axis(expected, np.array(order), 1), atol=1e-5)
     np.testing.assert_allclose(given["prior_values"], prior / prior.sum())
 
-    estimated = inference.predict_files(_config(run, estimate_prior=True), log=lambda line: None)
-    em = evaluation.estimate_prior_em(evaluation.softmax(_model_logits(run)))  # mean lambda 0: balanced as is
-    assert estimated["prior"] == "estimated"
-    np.testing.assert_allclose(estimated["prior_values"], em, atol=1e-5)
+    uniform = np.full(10, 0.1)  # mean lambda 0: the logits are balanced as they are
+    holdout = label_shift.load_holdout(str(run[0] / "run"))
+    for model in (run[0] / "run", run[0] / "run" / "export"):  # the SavedModel carries the calibration
+        estimated = inference.predict_files(_config(run, estimate_prior=True, prior_safeguard=0, model=str(model)),
+                                            log=lambda line: None)
+        expected = label_shift.estimate_prior("bcts_em", _model_logits(run), uniform, holdout, safeguard_level=0)
+        assert estimated["prior"] == "estimated"
+        np.testing.assert_allclose(estimated["prior_values"], expected, atol=1e-4)
+    em = inference.predict_files(_config(run, estimate_prior=True, prior_estimator="em", prior_safeguard=0,
+                                         save_prior=str(run[0] / "prior.json")), log=lambda line: None)
+    np.testing.assert_allclose(inference.parse_prior(str(run[0] / "prior.json"), 10), em["prior_values"])
+    np.testing.assert_allclose(em["prior_values"], label_shift.em(label_shift.softmax(_model_logits(run)), uniform),
+                               atol=1e-5)
+
+
+def test_estimate_prior_without_a_held_out_split_says_how_to_get_one(run, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(run[0] / "run", bare, ignore=shutil.ignore_patterns(label_shift.HOLDOUT_FILE))
+    with pytest.raises(experiment.RunError, match="bcts_em prior estimator needs a held-out split: train with "
+                                                  "--holdout_fraction"):
+        inference.predict_files(_config(run, model=str(bare), estimate_prior=True), log=lambda line: None)
 
 
 def test_parse_prior_by_hand(tmp_path):
@@ -131,6 +149,8 @@ def test_bad_models_and_settings(run, tmp_path):
     shutil.rmtree(bare / "assets.extra")
     with pytest.raises(experiment.RunError, match="lacks assets.extra/balpoe_tf.json.*tools/export.py"):
         inference.load_classifier(str(bare))
+    with pytest.raises(ConfigError, match="--save_prior=p.json: must be empty without --estimate_prior or --prior"):
+        inference.PredictConfig(model="m", inputs=["x"], save_prior="p.json")
     with pytest.raises(ConfigError, match="--estimate_prior=true: must be false when --prior is given"):
         inference.PredictConfig(model="m", inputs=["x"], prior="1,2", estimate_prior=True)
     with pytest.raises(ConfigError, match="--output=p.txt: must be empty or a file name ending in .csv or .json"):
