@@ -8,7 +8,7 @@ import warnings
 from absl import app, flags
 from absl import logging as absl_logging
 
-from balpoe_tf.config import ConfigError, refuse
+from balpoe_tf.config import ConfigError, RunError, refuse
 from balpoe_tf.data import DataError
 from balpoe_tf.training import TrainingDiverged
 
@@ -78,16 +78,11 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 def _run_reporting_errors(fn) -> int:
     """Run `fn`; report bad input (settings, data, run folder) as one clear line and
     return exit code 2, a diverged run as one line and exit code 1."""
-    from balpoe_tf.experiment import RunError
-
     try:
         fn()
-    except TrainingDiverged as e:
+    except (TrainingDiverged, ConfigError, DataError, RunError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except (ConfigError, DataError, RunError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_BAD_INPUT
     return 0
 
 

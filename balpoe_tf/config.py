@@ -11,6 +11,10 @@ import numbers
 from typing import Callable, Optional, Sequence
 
 
+class RunError(RuntimeError):
+    """A run cannot start or be used as asked; the message says why and what to do."""
+
+
 class ConfigError(ValueError):
     """A setting has a value outside its valid range; the message names the flag, the
     value and what it may be."""

@@ -16,9 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import experiment, label_shift
+from balpoe_tf import label_shift, reporting, run_config, run_folder
 from balpoe_tf import metrics as lt_metrics
-from balpoe_tf.config import Check, at_least, between, config_field, one_of, validate
+from balpoe_tf.config import at_least, between, Check, config_field, one_of, RunError, validate
 from balpoe_tf.progress import Progress
 
 SHIFT_RATIOS = (50, 25, 10, 5, 2)
@@ -130,7 +130,7 @@ def predict(model, dataset: tf.data.Dataset, progress: Optional[Progress] = None
     preds = Predictions(np.concatenate(labels), np.concatenate(logits), np.concatenate(experts))
     bad = int((~np.isfinite(preds.expert_logits)).any(axis=(1, 2)).sum())
     if bad:
-        raise experiment.RunError(f"the model gives non-finite logits for {bad} of {len(preds.labels)} test "
+        raise RunError(f"the model gives non-finite logits for {bad} of {len(preds.labels)} test "
                                   "images (its weights diverged): no metrics are reported for it")
     return preds
 
@@ -163,7 +163,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
                          distributions: Sequence[str] = DISTRIBUTIONS,
                          prior_modes: Sequence[str] = PRIOR_MODES,
                          subsets: Optional[Dict[str, np.ndarray]] = None,
-                         estimators: Sequence[str] = (label_shift.DEFAULT_ESTIMATOR,),
+                         estimators: Optional[Sequence[str]] = None,
                          holdout: Optional[label_shift.Holdout] = None,
                          safeguard_level: float = label_shift.DEFAULT_SAFEGUARD_LEVEL) -> dict:
     """Metrics of every (distribution, prior mode).
@@ -177,7 +177,8 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
         subsets: optional fixed index sets by distribution name (e.g. from list files);
             others are built with `shifted_indices`.
         estimators: with "estimated" in `prior_modes`, the `label_shift.ESTIMATORS` to
-            measure: the first under "estimated", the others under "estimated:NAME".
+            measure: the first under "estimated", the others under "estimated:NAME"
+            (default: the default estimator with a held-out split, plain EM without).
         holdout: the run's held-out predictions, for the estimators that need them.
         safeguard_level: see `label_shift.estimate_prior`.
 
@@ -188,6 +189,8 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
     num_classes = preds.logits.shape[1]
     base = label_shift.model_prior(train_counts, mean_lambda)
     trained_log_prior = mean_lambda * np.log(lt_data.class_prior(train_counts))
+    if estimators is None:
+        estimators = [label_shift.DEFAULT_ESTIMATOR if holdout is not None else "em"]
     modes = [m for m in prior_modes if m != "estimated"]
     if "estimated" in prior_modes:
         modes += [(name, i == 0) for i, name in enumerate(estimators)]
@@ -315,7 +318,7 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
         for mode in result_modes(results):
             if mode in results["uniform"]:
                 m = results["uniform"][mode]
-                cells = [experiment.percent(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
+                cells = [reporting.percent(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
                                                             "few_accuracy", "ece", "mce", "overconfidence")]
                 lines.append(f"| {run} | {_title(results, mode)} | " + " | ".join(cells)
                              + f" | {m['nll']:.3f} | {m['brier']:.3f} |")
@@ -327,12 +330,12 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
                   for k, v in detail["experts"].items()]
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(lines) + "\n")
-    experiment.write_json(paths["json"], {"results": results_by_run, "details": details})
+    reporting.write_json(paths["json"], {"results": results_by_run, "details": details})
     return paths
 
 
 def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):
-    """(count, confidence sum, hits) per bin, for `experiment.reliability_diagram_png`."""
+    """(count, confidence sum, hits) per bin, for `reporting.reliability_diagram_png`."""
     metric = lt_metrics.CalibrationError(num_bins)
     metric.update_state(np.asarray(labels), np.asarray(logits, np.float32))
     return metric.count.numpy(), metric.confidence.numpy(), metric.hits.numpy()
@@ -397,8 +400,8 @@ class EvalConfig:
         validate(self)
 
 
-def _run_config(record: dict, config: EvalConfig) -> "experiment.RunConfig":
-    saved = experiment.RunConfig(**record["config"])
+def _run_config(record: dict, config: EvalConfig) -> "run_config.RunConfig":
+    saved = run_config.RunConfig(**record["config"])
     overrides = {k: getattr(config, k) for k in ("data_dir", "data_path", "data_root") if getattr(config, k)}
     return dataclasses.replace(saved, **overrides)
 
@@ -443,9 +446,9 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
     output_dir = config.output_dir or os.path.join(runs[0], "evaluation")
     results, details = {}, {}
     for run_dir in runs:
-        model, record = experiment.load_run(run_dir)
-        run_config = _run_config(record, config)
-        data = experiment.load_data(run_config)
+        model, record = run_folder.load_run(run_dir)
+        saved_config = _run_config(record, config)
+        data = run_config.load_data(saved_config)
         train_counts = record["data"]["train_counts"]
         if data.num_classes != model.num_classes or data.train_counts().tolist() != train_counts:
             raise lt_data.DataError(f"the data loaded now ({data.name}, {data.num_classes} classes) is not "
@@ -456,9 +459,9 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
                             len(data.test), config.progress_every)
         preds = predict(model, lt_data.test_pipeline(data, config.batch_size), progress)
         progress.close()
-        mean_lambda = float(np.mean(run_config.lambdas))
+        mean_lambda = float(np.mean(saved_config.lambdas))
         subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
-                               run_config.data_root)
+                               saved_config.data_root)
         holdout = label_shift.load_holdout(run_dir)
         estimators = _estimators(config, holdout is not None)
         if estimators[0] != config.prior_estimator and "estimated" in modes:
@@ -467,8 +470,8 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
                 f"--prior_estimator={config.prior_estimator}")
         results[name] = evaluate_predictions(preds, train_counts, mean_lambda, distributions, modes, subsets,
                                              estimators, holdout, config.prior_safeguard)
-        details[name] = {"lambdas": run_config.lambdas, "mean_lambda": mean_lambda,
-                         "experts": expert_report(preds, train_counts, run_config.lambdas)}
+        details[name] = {"lambdas": saved_config.lambdas, "mean_lambda": mean_lambda,
+                         "experts": expert_report(preds, train_counts, saved_config.lambdas)}
         _write_diagrams(preds, run_dir, output_dir, name)
     paths = write_reports(results, details, output_dir)
     with open(paths["markdown"]) as f:
@@ -487,7 +490,7 @@ def _estimators(config: EvalConfig, has_holdout: bool) -> list:
 
 def _write_diagrams(preds: Predictions, run_dir: str, output_dir: str, name: str):
     """Balanced-test reliability diagram as PNG and in the run's TensorBoard."""
-    png = experiment.reliability_diagram_png(*reliability_bins(preds.labels, preds.logits), name)
+    png = reporting.reliability_diagram_png(*reliability_bins(preds.labels, preds.logits), name)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"reliability_{name}.png"), "wb") as f:
         f.write(png)

@@ -26,6 +26,7 @@ from balpoe_tf import data as lt_data
 from balpoe_tf import label_shift
 from balpoe_tf.config import NON_EMPTY, at_least, config_field, greater_than, validate
 from balpoe_tf.data import PRIOR_FLOOR
+from balpoe_tf.run_folder import load_run
 
 # Classes and training prior of an export, in its assets.extra folder.
 METADATA_NAME = "balpoe_tf.json"
@@ -179,8 +180,6 @@ class ExportConfig:
 
 
 def export_from_config(config: ExportConfig, log=print) -> str:
-    from balpoe_tf.experiment import load_run
-
     model, record = load_run(config.run_dir)
     holdout = label_shift.load_holdout(config.run_dir)
     path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k,

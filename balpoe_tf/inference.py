@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import experiment, export, label_shift
-from balpoe_tf.config import NON_EMPTY, Check, at_least, between, config_field, one_of, refuse, validate
+from balpoe_tf import export, label_shift, reporting, run_folder
+from balpoe_tf.config import at_least, between, Check, config_field, NON_EMPTY, one_of, refuse, RunError, validate
 
 
 @dataclasses.dataclass
@@ -91,9 +91,9 @@ def _saved_model_dir(path: str) -> Optional[str]:
 def load_classifier(path: str) -> Classifier:
     """A `Classifier` from a run folder (its model.keras) or an exported SavedModel."""
     if not os.path.isdir(path):
-        raise experiment.RunError(f"--model {path!r} does not exist: pass a run folder or an exported SavedModel")
+        raise RunError(f"--model {path!r} does not exist: pass a run folder or an exported SavedModel")
     if os.path.isfile(os.path.join(path, "config.json")):
-        model, record = experiment.load_run(path)
+        model, record = run_folder.load_run(path)
         data = record["data"]
         shape, normalize = tuple(model.image_shape), lt_data.normalizer(data["mean"], data["std"])
         mean_lambda = float(np.mean(record["config"]["lambdas"]))
@@ -108,10 +108,10 @@ def load_classifier(path: str) -> Classifier:
                           holdout=label_shift.load_holdout(path))
     saved = _saved_model_dir(path)
     if saved is None:
-        raise experiment.RunError(f"{path} is neither a run folder (config.json) nor a SavedModel "
+        raise RunError(f"{path} is neither a run folder (config.json) nor a SavedModel "
                                   "(saved_model.pb, or version folders holding one)")
     if not os.path.isfile(os.path.join(saved, METADATA_FILE)):
-        raise experiment.RunError(f"{saved} lacks {METADATA_FILE} (class names and training prior; exports "
+        raise RunError(f"{saved} lacks {METADATA_FILE} (class names and training prior; exports "
                                   "before this version do): export it again with tools/export.py --run_dir=RUN")
     with open(os.path.join(saved, METADATA_FILE)) as f:
         meta = json.load(f)
@@ -226,7 +226,7 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
             prior = label_shift.estimate_prior(config.prior_estimator, balanced, label_shift.model_prior(classifier.train_counts, classifier.mean_lambda),
                                                classifier.holdout, classifier.calibration, config.prior_safeguard)
         except ValueError as e:
-            raise experiment.RunError(f"{config.model}: {e}") from None
+            raise RunError(f"{config.model}: {e}") from None
     else:
         mode, prior = "none", None
     logits = balanced + (classifier.trained_log_prior() if prior is None
@@ -245,7 +245,7 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
         write_predictions(result, config.output)
         log(f"wrote {config.output}")
     if config.save_prior:
-        experiment.write_json(config.save_prior, prior.tolist())
+        reporting.write_json(config.save_prior, prior.tolist())
         log(f"wrote the prior to {config.save_prior}")
     return result
 
@@ -268,7 +268,7 @@ def write_predictions(result: dict, path: str):
     """CSV (path, rank, class, name, probability; skipped files with their reason) or JSON."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith(".json"):
-        experiment.write_json(path, result)
+        reporting.write_json(path, result)
         return
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from scipy import optimize, stats
 
-from balpoe_tf import data as lt_data
+from balpoe_tf.data.longtail import class_prior
 
 # Estimators by name; those after "map_em" need the run's held-out split.
 ESTIMATORS = ("em", "map_em", "bbse", "ts_em", "bcts_em")
@@ -39,7 +39,7 @@ def softmax(logits):
 
 def model_prior(train_counts, mean_lambda: float) -> np.ndarray:
     """The label prior an ensemble with mean lambda targets: pi^lambda_bar, normalised."""
-    log_p = mean_lambda * np.log(lt_data.class_prior(train_counts))
+    log_p = mean_lambda * np.log(class_prior(train_counts))
     p = np.exp(log_p - log_p.max())
     return p / p.sum()
 

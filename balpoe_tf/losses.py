@@ -7,7 +7,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from balpoe_tf.data import class_prior
+from balpoe_tf.data.longtail import class_prior
 
 # Added inside the log, as the reference does, so the prior of a rare class stays finite.
 LOG_PRIOR_EPS = 1e-9

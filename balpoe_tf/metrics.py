@@ -6,7 +6,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from balpoe_tf.data import class_groups
+from balpoe_tf.data.longtail import class_groups
 
 NUM_CALIBRATION_BINS = 15
 

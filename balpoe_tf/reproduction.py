@@ -20,10 +20,10 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
-from balpoe_tf import evaluation, experiment
-from balpoe_tf.config import NON_EMPTY, Check, at_least, config_field, each, one_of, validate
+from balpoe_tf import evaluation, experiment, reporting, run_config, run_folder
+from balpoe_tf.config import at_least, Check, config_field, each, NON_EMPTY, one_of, RunError, validate
 
-# Method -> (title in tables, baseline of `experiment.BASELINES` trained like the BalPoE run).
+# Method -> (title in tables, baseline of `run_config.BASELINES` trained like the BalPoE run).
 METHODS = {
     "balpoe": ("BalPoE", None),
     "bs": ("BS (lambda 0)", "bs"),
@@ -32,23 +32,23 @@ METHODS = {
     "uniform": ("uniform ensemble", "uniform"),
 }
 # Balanced-test metrics of the summary, in percent except NLL.
-SUMMARY_METRICS = experiment.RESULT_COLUMNS
+SUMMARY_METRICS = reporting.RESULT_COLUMNS
 
 
-def method_config(base: experiment.RunConfig, method: str, seed: int, run_root: str) -> experiment.RunConfig:
+def method_config(base: run_config.RunConfig, method: str, seed: int, run_root: str) -> run_config.RunConfig:
     """The config of `method` for `seed`: the BalPoE run `base` or one of its baselines."""
     if method not in METHODS:
-        raise experiment.RunError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise RunError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     baseline = METHODS[method][1]
-    config = base if baseline is None else experiment.baseline_config(base, baseline)
+    config = base if baseline is None else run_config.baseline_config(base, baseline)
     return dataclasses.replace(config, seed=seed, compare=[],
                                output_dir=os.path.join(run_root, f"seed{seed}", method))
 
 
-def run_status(config: experiment.RunConfig) -> dict:
+def run_status(config: run_config.RunConfig) -> dict:
     """`{"finished": bool, "epoch": epochs done}` of a run folder."""
     finished = os.path.isfile(os.path.join(config.output_dir, "results.json"))
-    epoch = config.epochs if finished else experiment.latest_checkpoint(config.output_dir)[0]
+    epoch = config.epochs if finished else run_folder.latest_checkpoint(config.output_dir)[0]
     return {"finished": finished, "epoch": epoch, "epochs": config.epochs}
 
 
@@ -88,7 +88,7 @@ def evaluate_run(run_dir: str, log: Callable[[str], None] = print) -> dict:
     return {"results": saved["results"][name], "details": saved["details"][name]}
 
 
-def collect(base: experiment.RunConfig, methods: Sequence[str], seeds: Sequence[int], run_root: str,
+def collect(base: run_config.RunConfig, methods: Sequence[str], seeds: Sequence[int], run_root: str,
             log: Callable[[str], None] = print) -> List[dict]:
     """One entry per (method, seed): status, and for finished runs the evaluation, the run
     record's commit and the training time."""
@@ -109,7 +109,7 @@ def collect(base: experiment.RunConfig, methods: Sequence[str], seeds: Sequence[
 
 
 def _pct(value) -> str:
-    return experiment.percent(value)
+    return reporting.percent(value)
 
 
 def _balanced(entry: dict) -> dict:
@@ -224,7 +224,7 @@ def write_report(entries: Sequence[dict], run_root: str, title: str) -> Dict[str
     os.makedirs(run_root, exist_ok=True)
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(report(entries, title)) + "\n")
-    experiment.write_json(paths["json"], {"title": title, "summary": [summary_row(e) for e in entries],
+    reporting.write_json(paths["json"], {"title": title, "summary": [summary_row(e) for e in entries],
                                           "runs": list(entries)})
     return paths
 
@@ -249,7 +249,7 @@ class ReproduceConfig:
         validate(self)
 
 
-def reproduce(base: experiment.RunConfig, config: ReproduceConfig, log: Callable[[str], None] = print) -> list:
+def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable[[str], None] = print) -> list:
     """Train every (seed, method) run that has not finished, one at a time (each resumes
     from its last checkpoint), then write and print the report; returns its entries."""
     if config.train:

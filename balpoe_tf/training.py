@@ -52,6 +52,7 @@ class SGDWithL2(keras.optimizers.Optimizer):
         if self.l2:
             g = g + self.l2 * variable
         if self.momentum:
+            # Keras's own SGD finds a variable's slot this way; there is no public lookup.
             buf = self.buffers[self._get_variable_index(variable)]
             self.assign(buf, self.momentum * buf + g)
             g = g + self.momentum * buf if self.nesterov else ops.convert_to_tensor(buf)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from balpoe_tf import cli, config, evaluation, experiment, export
+from balpoe_tf import cli, config, evaluation, export, run_config
 from conftest import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,54 +30,54 @@ def test_checks_say_their_rule():
 
 # (config class, flags, the error line). Every rule of every tool's flags, one bad value each.
 BAD_VALUES = [
-    (experiment.RunConfig, ["--batch_size=0"], "--batch_size=0: must be >= 1"),
-    (experiment.RunConfig, ["--lr=-1"], "--lr=-1: must be > 0"),
-    (experiment.RunConfig, ["--lr=nan"], "--lr=nan: must be > 0"),
-    (experiment.RunConfig, ["--mixup_alpha=-0.5"], "--mixup_alpha=-0.5: must be 0 (no mixup) or > 0"),
-    (experiment.RunConfig, ["--epochs=0"], "--epochs=0: must be >= 1"),
-    (experiment.RunConfig, ["--momentum=1"], "--momentum=1: must be in [0, 1)"),
-    (experiment.RunConfig, ["--momentum=0"], "--momentum=0: must be > 0 with --nesterov"),
-    (experiment.RunConfig, ["--scale=0"], "--scale=0: must be > 0"),
-    (experiment.RunConfig, ["--image_size=4"], "--image_size=4: must be >= 8"),
-    (experiment.RunConfig, ["--imbalance_ratio=0.5"],
+    (run_config.RunConfig, ["--batch_size=0"], "--batch_size=0: must be >= 1"),
+    (run_config.RunConfig, ["--lr=-1"], "--lr=-1: must be > 0"),
+    (run_config.RunConfig, ["--lr=nan"], "--lr=nan: must be > 0"),
+    (run_config.RunConfig, ["--mixup_alpha=-0.5"], "--mixup_alpha=-0.5: must be 0 (no mixup) or > 0"),
+    (run_config.RunConfig, ["--epochs=0"], "--epochs=0: must be >= 1"),
+    (run_config.RunConfig, ["--momentum=1"], "--momentum=1: must be in [0, 1)"),
+    (run_config.RunConfig, ["--momentum=0"], "--momentum=0: must be > 0 with --nesterov"),
+    (run_config.RunConfig, ["--scale=0"], "--scale=0: must be > 0"),
+    (run_config.RunConfig, ["--image_size=4"], "--image_size=4: must be >= 8"),
+    (run_config.RunConfig, ["--imbalance_ratio=0.5"],
      "--imbalance_ratio=0.5: must be 0 (the source's own counts) or >= 1"),
-    (experiment.RunConfig, ["--warmup_epochs=300"], "--warmup_epochs=300: must be at most --epochs=200"),
-    (experiment.RunConfig, ["--warmup_epochs=-1"], "--warmup_epochs=-1: must be >= 0"),
-    (experiment.RunConfig, ["--milestones=180,160"],
+    (run_config.RunConfig, ["--warmup_epochs=300"], "--warmup_epochs=300: must be at most --epochs=200"),
+    (run_config.RunConfig, ["--warmup_epochs=-1"], "--warmup_epochs=-1: must be >= 0"),
+    (run_config.RunConfig, ["--milestones=180,160"],
      "--milestones=180,160: must be strictly increasing epochs below --epochs=200"),
-    (experiment.RunConfig, ["--milestones=160,200"],
+    (run_config.RunConfig, ["--milestones=160,200"],
      "--milestones=160,200: must be strictly increasing epochs below --epochs=200"),
-    (experiment.RunConfig, ["--milestones=-1"], "--milestones=-1: must be a list of values each >= 0"),
-    (experiment.RunConfig, ["--milestones=1.5"], "--milestones=1.5: must be a comma-separated list of int values"),
-    (experiment.RunConfig, ["--gamma=0"], "--gamma=0: must be > 0"),
-    (experiment.RunConfig, ["--weight_decay=-1e-4"], "--weight_decay=-0.0001: must be >= 0"),
-    (experiment.RunConfig, ["--num_experts=0", "--lambdas="], "--num_experts=0: must be >= 1"),
-    (experiment.RunConfig, ["--lambdas=1,0"], "--lambdas=1,0: must be one value per expert: 3 for --num_experts=3"),
-    (experiment.RunConfig, ["--lambdas=1,x,0"], "--lambdas=1,x,0: must be a comma-separated list of float values"),
-    (experiment.RunConfig, ["--lambdas=1,inf,0"], "--lambdas=1,inf,0: must be a list of values each a finite number"),
-    (experiment.RunConfig, ["--target_mean_lambda=nan"], "--target_mean_lambda=nan: must be a finite number"),
-    (experiment.RunConfig, ["--dataset=imagenet"], "--dataset=imagenet: must be one of cifar10, cifar100, digits"),
-    (experiment.RunConfig, ["--holdout_fraction=0.5"], "--holdout_fraction=0.5: must be in [0, 0.5)"),
+    (run_config.RunConfig, ["--milestones=-1"], "--milestones=-1: must be a list of values each >= 0"),
+    (run_config.RunConfig, ["--milestones=1.5"], "--milestones=1.5: must be a comma-separated list of int values"),
+    (run_config.RunConfig, ["--gamma=0"], "--gamma=0: must be > 0"),
+    (run_config.RunConfig, ["--weight_decay=-1e-4"], "--weight_decay=-0.0001: must be >= 0"),
+    (run_config.RunConfig, ["--num_experts=0", "--lambdas="], "--num_experts=0: must be >= 1"),
+    (run_config.RunConfig, ["--lambdas=1,0"], "--lambdas=1,0: must be one value per expert: 3 for --num_experts=3"),
+    (run_config.RunConfig, ["--lambdas=1,x,0"], "--lambdas=1,x,0: must be a comma-separated list of float values"),
+    (run_config.RunConfig, ["--lambdas=1,inf,0"], "--lambdas=1,inf,0: must be a list of values each a finite number"),
+    (run_config.RunConfig, ["--target_mean_lambda=nan"], "--target_mean_lambda=nan: must be a finite number"),
+    (run_config.RunConfig, ["--dataset=imagenet"], "--dataset=imagenet: must be one of cifar10, cifar100, digits"),
+    (run_config.RunConfig, ["--holdout_fraction=0.5"], "--holdout_fraction=0.5: must be in [0, 0.5)"),
     (evaluation.EvalConfig, ["--run_dir=r", "--prior_estimator=magic"],
      "--prior_estimator=magic: must be one of em, map_em, bbse, ts_em, bcts_em"),
     (evaluation.EvalConfig, ["--run_dir=r", "--compare_estimators=em,x"],
      "--compare_estimators=em,x: must be empty or a comma-separated list of em, map_em"),
     (evaluation.EvalConfig, ["--run_dir=r", "--prior_safeguard=1"], "--prior_safeguard=1: must be in [0, 1)"),
-    (experiment.RunConfig, ["--augment=mixup"], "--augment=mixup: must be one of cifar, autoaugment"),
-    (experiment.RunConfig, ["--backbone=resnet18"], "--backbone=resnet18: must be one of"),
-    (experiment.RunConfig, ["--schedule=linear"], "--schedule=linear: must be one of step, cosine"),
-    (experiment.RunConfig, ["--precision=float16"], "--precision=float16: must be one of float32"),
-    (experiment.RunConfig, ["--strategy=tpu"], "--strategy=tpu: must be one of auto, mirrored"),
-    (experiment.RunConfig, ["--bad_images=ignore"], "--bad_images=ignore: must be one of fail, skip"),
-    (experiment.RunConfig, ["--compare=ce,xx"], "--compare=ce,xx: must be a list of values each one of ce, bs"),
-    (experiment.RunConfig, ["--mean=0.5,2,0.5"], "--mean=0.5,2,0.5: must be a list of values each in [0, 1]"),
-    (experiment.RunConfig, ["--std=0,0.2,0.2"], "--std=0,0.2,0.2: must be a list of values each in (0, 1]"),
-    (experiment.RunConfig, ["--test_crop=1.5"], "--test_crop=1.5: must be 0 (off) or in (0, 1]"),
-    (experiment.RunConfig, ["--eval_every=0"], "--eval_every=0: must be >= 1"),
-    (experiment.RunConfig, ["--checkpoint_every=0"], "--checkpoint_every=0: must be >= 1"),
-    (experiment.RunConfig, ["--seed=-1"], "--seed=-1: must be >= 0"),
-    (experiment.RunConfig, ["--num_classes=-1"], "--num_classes=-1: must be >= 0"),
-    (experiment.RunConfig, ["--output_dir="], "--output_dir=: must be a non-empty value"),
+    (run_config.RunConfig, ["--augment=mixup"], "--augment=mixup: must be one of cifar, autoaugment"),
+    (run_config.RunConfig, ["--backbone=resnet18"], "--backbone=resnet18: must be one of"),
+    (run_config.RunConfig, ["--schedule=linear"], "--schedule=linear: must be one of step, cosine"),
+    (run_config.RunConfig, ["--precision=float16"], "--precision=float16: must be one of float32"),
+    (run_config.RunConfig, ["--strategy=tpu"], "--strategy=tpu: must be one of auto, mirrored"),
+    (run_config.RunConfig, ["--bad_images=ignore"], "--bad_images=ignore: must be one of fail, skip"),
+    (run_config.RunConfig, ["--compare=ce,xx"], "--compare=ce,xx: must be a list of values each one of ce, bs"),
+    (run_config.RunConfig, ["--mean=0.5,2,0.5"], "--mean=0.5,2,0.5: must be a list of values each in [0, 1]"),
+    (run_config.RunConfig, ["--std=0,0.2,0.2"], "--std=0,0.2,0.2: must be a list of values each in (0, 1]"),
+    (run_config.RunConfig, ["--test_crop=1.5"], "--test_crop=1.5: must be 0 (off) or in (0, 1]"),
+    (run_config.RunConfig, ["--eval_every=0"], "--eval_every=0: must be >= 1"),
+    (run_config.RunConfig, ["--checkpoint_every=0"], "--checkpoint_every=0: must be >= 1"),
+    (run_config.RunConfig, ["--seed=-1"], "--seed=-1: must be >= 0"),
+    (run_config.RunConfig, ["--num_classes=-1"], "--num_classes=-1: must be >= 0"),
+    (run_config.RunConfig, ["--output_dir="], "--output_dir=: must be a non-empty value"),
     (evaluation.EvalConfig, [], "--run_dir=: must be one or more run folders"),
     (evaluation.EvalConfig, ["--run_dir=r", "--distributions=forward50,up"], "--distributions=forward50,up: must be"),
     (evaluation.EvalConfig, ["--run_dir=r", "--distributions=forward0.5"], "--distributions=forward0.5: must be"),
@@ -105,25 +105,25 @@ def test_every_bad_value_is_refused_naming_flag_value_and_range(config_class, ar
 
 
 def test_good_values_pass():
-    assert _parse(experiment.RunConfig, ["--mixup_alpha=0", "--imbalance_ratio=0", "--schedule=cosine",
+    assert _parse(run_config.RunConfig, ["--mixup_alpha=0", "--imbalance_ratio=0", "--schedule=cosine",
                                          "--milestones=500", "--momentum=0", "--nonesterov"]).mixup_alpha == 0
     assert _parse(evaluation.EvalConfig, ["--run_dir=a,b", "--distributions=forward50,uniform"]).priors
     assert _parse(export.ExportConfig, ["--run_dir=r"]).top_k == 5
     for path in sorted((REPO / "configs").glob("*.flags")):  # every shipped setting is valid
-        _parse(experiment.RunConfig, [f"--flagfile={path}"])
+        _parse(run_config.RunConfig, [f"--flagfile={path}"])
 
 
 def test_library_users_get_the_same_checks():
     with pytest.raises(config.ConfigError, match="--batch_size=0: must be >= 1"):
-        experiment.RunConfig(batch_size=0)
-    base = experiment.RunConfig(epochs=10, milestones=[5, 8], warmup_epochs=1)
+        run_config.RunConfig(batch_size=0)
+    base = run_config.RunConfig(epochs=10, milestones=[5, 8], warmup_epochs=1)
     with pytest.raises(config.ConfigError, match="--warmup_epochs=20: must be at most --epochs=10"):
-        experiment.RunConfig(**{**base.__dict__, "warmup_epochs": 20})
+        run_config.RunConfig(**{**base.__dict__, "warmup_epochs": 20})
 
 
 def test_absl_parse_errors_are_one_line_and_exit_2(capsys):
     values = flags.FlagValues()
-    cli.define_flags(experiment.RunConfig, values)
+    cli.define_flags(run_config.RunConfig, values)
     for args in (["--batch_size=abc"], ["--learning_rate=0.1"], ["positional"]):
         with pytest.raises(SystemExit) as exit_:
             cli.parse_flags(["train.py", *args], values)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, label_shift
-from balpoe_tf.config import ConfigError
+from balpoe_tf import evaluation, experiment, label_shift, run_config
+from balpoe_tf.config import ConfigError, RunError
 
 CIFAR100_SIZES = {"forward50": 2486, "forward25": 2956, "forward10": 3876, "forward5": 4932,
                   "forward2": 7166, "uniform": 10000}
@@ -126,7 +126,7 @@ def test_list_subsets(tmp_path):
 
 def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     run = tmp_path / "tiny"
-    config = experiment.RunConfig(output_dir=str(run), dataset="digits", imbalance_ratio=10,
+    config = run_config.RunConfig(output_dir=str(run), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
                                   warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1,
                                   holdout_fraction=0.2)
@@ -163,7 +163,7 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     assert results["bare"]["uniform"]["estimated"]["estimator"] == "em"
     assert "warning: bare has no held-out split, so its estimated prior is plain EM" in logs[1]
 
-    with pytest.raises(experiment.RunError, match="holds no trained model"):
+    with pytest.raises(RunError, match="holds no trained model"):
         evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(tmp_path / "nothing")))
     with pytest.raises(ConfigError, match="--distributions=forward50,up: must be 'all' or"):
         evaluation.EvalConfig(run_dir=str(run), distributions="forward50,up")
@@ -175,12 +175,12 @@ def test_shifted_sets_of_a_run_streamed_from_tfds(tmp_path):
     import tensorflow_datasets as tfds
 
     run = tmp_path / "streamed"
-    config = experiment.RunConfig(output_dir=str(run), dataset="tfds:mnist", tfds_in_memory="no", image_size=28,
+    config = run_config.RunConfig(output_dir=str(run), dataset="tfds:mnist", tfds_in_memory="no", image_size=28,
                                   imbalance_ratio=2, augment="none", backbone="resnet8", epochs=1, batch_size=64,
                                   warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1, export=False)
     with tfds.testing.mock_data(num_examples=300):
         experiment.train(config, log=lambda line: None)
-        data = experiment.load_data(config)
+        data = run_config.load_data(config)
         results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), priors="none,known"),
                                            log=lambda line: None)
     assert data.test.stream is not None

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from balpoe_tf import experiment
+from balpoe_tf import callbacks, experiment, reporting, run_config, run_folder
+from balpoe_tf.config import RunError
 from balpoe_tf import data as lt_data
 from conftest import mock_imagenet_lt_records, parse_config
 
@@ -30,8 +31,8 @@ def run_cli(*args, timeout=900):
                           text=True, env=env, timeout=timeout)
 
 
-def parse(*args) -> experiment.RunConfig:
-    return parse_config(experiment.RunConfig, *args)
+def parse(*args) -> run_config.RunConfig:
+    return parse_config(run_config.RunConfig, *args)
 
 
 def _balanced_cifar(num_classes, per_class=100, shape=(32, 32, 3)):
@@ -105,7 +106,7 @@ def test_large_scale_configs_build_data_and_model(group, tmp_path):
     small = dataclasses.replace(full, dataset="list", train_list=str(tmp_path / "train.txt"),
                                 test_list=str(tmp_path / "test.txt"), data_root=str(tmp_path), num_classes=3,
                                 image_size=32)
-    data = experiment.load_data(small)
+    data = run_config.load_data(small)
     images, labels = next(iter(lt_data.train_pipeline(data, 4, 1, augment=small.augment)))
     assert images.shape == (4, 32, 32, 3) and labels.shape == (4,)
     test_images, _ = next(iter(lt_data.test_pipeline(data, 6)))
@@ -169,16 +170,16 @@ def test_paper_settings_in_configs():
 
 def test_baseline_configs():
     base = parse("--flagfile=configs/cifar100_ir100.flags", "--output_dir=/r")
-    ce = experiment.baseline_config(base, "ce")
+    ce = run_config.baseline_config(base, "ce")
     assert (ce.num_experts, ce.lambdas, ce.mixup_alpha, ce.output_dir) == (1, [1.0], 0.0, "/r/baseline_ce")
-    assert experiment.baseline_config(base, "uniform").lambdas == [0.0, 0.0, 0.0]
-    assert experiment.baseline_config(base, "erm").mixup_alpha == 0.0
-    with pytest.raises(experiment.RunError, match="unknown baseline 'xx'"):
-        experiment.baseline_config(base, "xx")
+    assert run_config.baseline_config(base, "uniform").lambdas == [0.0, 0.0, 0.0]
+    assert run_config.baseline_config(base, "erm").mixup_alpha == 0.0
+    with pytest.raises(RunError, match="unknown baseline 'xx'"):
+        run_config.baseline_config(base, "xx")
 
 
 def test_format_table():
-    table = experiment.format_table({"a": {"accuracy": 0.5, "few_accuracy": float("nan"), "nll": 1.23456}},
+    table = reporting.format_table({"a": {"accuracy": 0.5, "few_accuracy": float("nan"), "nll": 1.23456}},
                                     columns=("accuracy", "few_accuracy", "nll"))
     assert table.splitlines() == ["| run | accuracy | few | nll |", "|---|---|---|---|",
                                   "| a | 50.0 | n/a | 1.235 |"]
@@ -192,10 +193,10 @@ def _strict_loads(text):
 
 def test_json_files_are_standard_json(tmp_path):
     nan = float("nan")
-    experiment.write_json(tmp_path / "r.json", {"a": nan, "b": [1.0, nan], "c": {"d": 0.5, "e": (nan,)}})
+    reporting.write_json(tmp_path / "r.json", {"a": nan, "b": [1.0, nan], "c": {"d": 0.5, "e": (nan,)}})
     assert _strict_loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [1.0, None],
                                                                 "c": {"d": 0.5, "e": [None]}}
-    assert experiment.percent(None) == "n/a"
+    assert reporting.percent(None) == "n/a"
 
 
 def test_train_cli_end_to_end(tmp_path):
@@ -248,7 +249,7 @@ def _check_hparams_dashboard(out, balpoe_results, ce_results):
     lambdas = {run: info.hparams["lambdas"].string_value for run, info in sessions.items()}
     assert lambdas == {"tensorboard": "1.0,0.0,-1.0", os.path.join("baseline_ce", "tensorboard"): "1.0"}
     experiment_info = metadata.parse_experiment_plugin_data(content["tensorboard"][metadata.EXPERIMENT_TAG])
-    assert [m.name.tag for m in experiment_info.metric_infos] == [f"final/{m}" for m in experiment.FINAL_METRICS]
+    assert [m.name.tag for m in experiment_info.metric_infos] == [f"final/{m}" for m in callbacks.FINAL_METRICS]
     domains = {h.name: list(h.domain_discrete.values) for h in experiment_info.hparam_infos}
     assert "resnet8" in [v.string_value for v in domains["backbone"]] and "output_dir" not in domains
     assert not domains["dataset"]  # tfds:NAME takes any name: no list of values
@@ -311,7 +312,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
     for path in (tmp_path / "run" / "checkpoints").glob("epoch_*.keras"):
         path.write_bytes(b"PK\x03\x04 damaged")
-    with pytest.raises(experiment.RunError, match="no checkpoint in .* can be read"):
+    with pytest.raises(RunError, match="no checkpoint in .* can be read"):
         experiment.train(config, log=lambda line: None)
     assert len(list((tmp_path / "run" / "checkpoints").glob("epoch_*.keras"))) == 2  # nothing renamed
 
@@ -358,19 +359,19 @@ def test_clear_errors(tmp_path):
 def test_incompatible_run_folder_is_refused(tmp_path):
     config = parse(*TINY, "--epochs=1", "--warmup_epochs=1", f"--output_dir={tmp_path}")
     experiment.train(config, log=lambda line: None)
-    with pytest.raises(experiment.RunError, match="checkpoint of a different run.*--lambdas"):
-        experiment.check_run_folder(dataclasses.replace(config, lambdas=[0.0, 0.0, 0.0]))
-    experiment.check_run_folder(dataclasses.replace(config, eval_every=5))  # run control may change
+    with pytest.raises(RunError, match="checkpoint of a different run.*--lambdas"):
+        run_folder.check_run_folder(dataclasses.replace(config, lambdas=[0.0, 0.0, 0.0]))
+    run_folder.check_run_folder(dataclasses.replace(config, eval_every=5))  # run control may change
     # A run saved before a setting existed resumes when the setting keeps its default.
     record = json.loads((tmp_path / "config.json").read_text())
     del record["config"]["tfds_split_train"]
     (tmp_path / "config.json").write_text(json.dumps(record))
-    experiment.check_run_folder(config)
-    with pytest.raises(experiment.RunError, match="--tfds_split_train: saved 'train', now 'x'"):
-        experiment.check_run_folder(dataclasses.replace(config, tfds_split_train="x"))
+    run_folder.check_run_folder(config)
+    with pytest.raises(RunError, match="--tfds_split_train: saved 'train', now 'x'"):
+        run_folder.check_run_folder(dataclasses.replace(config, tfds_split_train="x"))
     os.remove(tmp_path / "config.json")
-    with pytest.raises(experiment.RunError, match="no config.json"):
-        experiment.check_run_folder(config)
+    with pytest.raises(RunError, match="no config.json"):
+        run_folder.check_run_folder(config)
 
 
 def _free_port():
@@ -406,7 +407,7 @@ def test_two_workers_on_loopback_agree_on_the_weights(tmp_path):
 
 def test_strategy_errors(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    with pytest.raises(experiment.RunError, match="TF_CONFIG"):
+    with pytest.raises(RunError, match="TF_CONFIG"):
         experiment.make_strategy("multi_worker")
-    with pytest.raises(experiment.RunError, match="unknown --strategy 'tpu'"):
+    with pytest.raises(RunError, match="unknown --strategy 'tpu'"):
         experiment.make_strategy("tpu")

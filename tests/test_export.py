@@ -10,19 +10,20 @@ import pytest
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, export, models
+from balpoe_tf.config import RunError
+from balpoe_tf import evaluation, experiment, export, models, run_config, run_folder
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny trained digits run; training ends with the automatic export."""
     out = tmp_path_factory.mktemp("run")
-    config = experiment.RunConfig(output_dir=str(out), dataset="digits", imbalance_ratio=10,
+    config = run_config.RunConfig(output_dir=str(out), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
                                   warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
     experiment.train(config, log=lambda line: None)
-    model, record = experiment.load_run(str(out))
-    data = experiment.load_data(config)
+    model, record = run_folder.load_run(str(out))
+    data = run_config.load_data(config)
     return out, model, record, data
 
 
@@ -154,7 +155,7 @@ def test_saved_model_cli_lists_the_signatures(run):
 
 
 def test_export_tool_errors(tmp_path):
-    with pytest.raises(experiment.RunError, match="holds no trained model"):
+    with pytest.raises(RunError, match="holds no trained model"):
         export.export_from_config(export.ExportConfig(run_dir=str(tmp_path)))
 
 

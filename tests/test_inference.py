@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, inference, label_shift
-from balpoe_tf.config import ConfigError
+from balpoe_tf import evaluation, experiment, inference, label_shift, run_config, run_folder
+from balpoe_tf.config import ConfigError, RunError
 from conftest import REPO
 
 
@@ -19,12 +19,12 @@ from conftest import REPO
 def run(tmp_path_factory):
     """A tiny trained digits run (with its SavedModel) and a folder of its test images as PNG."""
     root = tmp_path_factory.mktemp("predict")
-    config = experiment.RunConfig(output_dir=str(root / "run"), dataset="digits", imbalance_ratio=10,
+    config = run_config.RunConfig(output_dir=str(root / "run"), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
                                   warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1,
                                   holdout_fraction=0.2)
     experiment.train(config, log=lambda line: None)
-    data = experiment.load_data(config)
+    data = run_config.load_data(config)
     pixels = data.test.images[::40][:6]  # six test images
     images = root / "images" / "nested"
     images.mkdir(parents=True)
@@ -47,7 +47,7 @@ def _probabilities(result):
 
 def _model_logits(run):
     root, config, data, pixels, _ = run
-    model, _ = experiment.load_run(str(root / "run"))
+    model, _ = run_folder.load_run(str(root / "run"))
     return model(lt_data.normalizer(data.mean, data.std)(pixels), training=False)["logits"].numpy()
 
 
@@ -70,7 +70,7 @@ def test_run_folder_and_saved_model_agree_with_the_model(run):
 def test_given_and_estimated_priors_match_the_evaluation(run):
     prior = np.arange(1, 11, dtype=np.float64)
     given = inference.predict_files(_config(run, top_k=10, prior=",".join(map(str, prior))), log=lambda line: None)
-    counts = experiment.load_run(str(run[0] / "run"))[1]["data"]["train_counts"]
+    counts = run_folder.load_run(str(run[0] / "run"))[1]["data"]["train_counts"]
     expected = label_shift.softmax(evaluation.posthoc_adjust(_model_logits(run), prior, counts, 0.0))
     order = [[t["class"] for t in p["top_k"]] for p in given["predictions"]]
     np.testing.assert_allclose(_probabilities(given), np.take_along_axis(expected, np.array(order), 1), atol=1e-5)
@@ -94,7 +94,7 @@ def test_given_and_estimated_priors_match_the_evaluation(run):
 def test_estimate_prior_without_a_held_out_split_says_how_to_get_one(run, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(run[0] / "run", bare, ignore=shutil.ignore_patterns(label_shift.HOLDOUT_FILE))
-    with pytest.raises(experiment.RunError, match="bcts_em prior estimator needs a held-out split: train with "
+    with pytest.raises(RunError, match="bcts_em prior estimator needs a held-out split: train with "
                                                   "--holdout_fraction"):
         inference.predict_files(_config(run, model=str(bare), estimate_prior=True), log=lambda line: None)
 
@@ -142,12 +142,12 @@ def test_inputs_unreadable_files_and_outputs(run, tmp_path):
 
 
 def test_bad_models_and_settings(run, tmp_path):
-    with pytest.raises(experiment.RunError, match="neither a run folder"):
+    with pytest.raises(RunError, match="neither a run folder"):
         inference.load_classifier(str(tmp_path))
     bare = tmp_path / "bare"
     shutil.copytree(run[0] / "run" / "export" / "1", bare)
     shutil.rmtree(bare / "assets.extra")
-    with pytest.raises(experiment.RunError, match="lacks assets.extra/balpoe_tf.json.*tools/export.py"):
+    with pytest.raises(RunError, match="lacks assets.extra/balpoe_tf.json.*tools/export.py"):
         inference.load_classifier(str(bare))
     with pytest.raises(ConfigError, match="--save_prior=p.json: must be empty without --estimate_prior or --prior"):
         inference.PredictConfig(model="m", inputs=["x"], save_prior="p.json")

@@ -59,7 +59,7 @@ def test_fused_batch_norm_matches_keras_and_updates_like_pytorch():
 
 def test_strided_conv_uses_pytorch_grid():
     # With 1-pixel zero padding, output (0, 0) of a stride-2 3x3 conv is centred on input (0, 0).
-    conv = models._conv3x3(1, 2)
+    conv = models.conv3x3(1, 2)
     x = np.zeros((1, 6, 6, 1), np.float32)
     x[0, 0, 0] = 1.0
     y = x

@@ -6,14 +6,15 @@ import pytest
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
-from balpoe_tf import experiment, reproduction
+from balpoe_tf import experiment, reproduction, run_config
+from balpoe_tf.config import RunError
 
 
 def _base(tmp_path, **overrides):
     settings = dict(output_dir=str(tmp_path / "unused"), dataset="digits", imbalance_ratio=10, augment="none",
                     backbone="resnet8", epochs=2, batch_size=64, warmup_epochs=1, milestones=[], eval_every=2,
                     checkpoint_every=1, export=False, deterministic=True)
-    return experiment.RunConfig(**{**settings, **overrides})
+    return run_config.RunConfig(**{**settings, **overrides})
 
 
 def test_method_configs_change_only_what_makes_the_method(tmp_path):
@@ -25,7 +26,7 @@ def test_method_configs_change_only_what_makes_the_method(tmp_path):
     assert reproduction.method_config(base, "uniform", 1, "root").lambdas == [0.0, 0.0, 0.0]
     ce = reproduction.method_config(base, "ce", 1, "root")
     assert (ce.lambdas, ce.target_mean_lambda, ce.epochs, ce.lr) == ([1.0], 1.0, base.epochs, base.lr)
-    with pytest.raises(experiment.RunError, match="unknown method 'ldam'"):
+    with pytest.raises(RunError, match="unknown method 'ldam'"):
         reproduction.method_config(base, "ldam", 1, "root")
 
 
@@ -83,7 +84,7 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     assert "resuming from" in "\n".join(lines) and [e["finished"] for e in entries] == [True, True]
     text = (tmp_path / "root" / "reproduce.md").read_text()
     assert "| BalPoE | 1 | finished |" in text and "| BS (lambda 0) | 1 | finished |" in text
-    assert "| BalPoE | no prior |" in text and "| BS (lambda 0) | + prior estimated by EM |" in text
+    assert "| BalPoE | no prior |" in text and "| BS (lambda 0) | + prior estimated (em) |" in text
     assert "| BalPoE | expert2 | -1 |" in text and "BalPoE > BS > CE" not in text  # CE was not run
     summary = json.loads((tmp_path / "root" / "reproduce.json").read_text())["summary"]
     assert [row["method"] for row in summary] == ["balpoe", "bs"]

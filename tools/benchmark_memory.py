@@ -23,7 +23,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from balpoe_tf import data as lt_data  # noqa: E402
-from balpoe_tf import experiment  # noqa: E402
+from balpoe_tf import experiment, run_config  # noqa: E402
 
 flags.DEFINE_string("backbone", "resnet50", "Backbone.")
 flags.DEFINE_integer("num_experts", 3, "Experts.")
@@ -59,14 +59,14 @@ def main(argv):
               "image_size": FLAGS.image_size, "steps": FLAGS.steps, "start_mib": peak_rss_mib()}
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, FLAGS.batch_size * 2, FLAGS.num_classes)
-        config = experiment.RunConfig(
+        config = run_config.RunConfig(
             output_dir=os.path.join(root, "run"), dataset="list", train_list=os.path.join(root, "list.txt"),
             test_list=os.path.join(root, "list.txt"), data_root=root, num_classes=FLAGS.num_classes,
             imbalance_ratio=0, image_size=FLAGS.image_size, test_crop=0.875, augment="imagenet",
             backbone=FLAGS.backbone, num_experts=FLAGS.num_experts,
             lambdas=list(np.linspace(1, -1, FLAGS.num_experts)) if FLAGS.num_experts > 1 else [0.0],
             batch_size=FLAGS.batch_size, epochs=100, schedule="cosine", warmup_epochs=0, mixup_alpha=0.3)
-        data = experiment.load_data(config)
+        data = run_config.load_data(config)
         pipeline = lt_data.train_pipeline(data, config.batch_size, config.epochs, augment=config.augment)
         start = time.perf_counter()
         for images, _ in pipeline.take(FLAGS.steps):

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
 
-from balpoe_tf import cli, experiment, reproduction  # noqa: E402
+from balpoe_tf import cli, reproduction, run_config  # noqa: E402
 
 
 if __name__ == "__main__":
-    cli.run_tool((experiment.RunConfig, reproduction.ReproduceConfig), reproduction.reproduce)
+    cli.run_tool((run_config.RunConfig, reproduction.ReproduceConfig), reproduction.reproduce)

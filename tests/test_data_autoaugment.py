@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from balpoe_tf import autoaugment as aa
+from balpoe_tf.data import autoaugment as aa
 from balpoe_tf import data as lt_data
 
 RNG = np.random.RandomState(0)

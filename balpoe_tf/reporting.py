@@ -1,0 +1,77 @@
+"""Result tables, standard JSON files and reliability diagrams."""
+
+import io
+import json
+import math
+
+import numpy as np
+
+
+RESULT_COLUMNS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
+
+
+def strict_json(value):
+    """`value` with every NaN (e.g. the accuracy of an empty class group) as None, so that the
+    JSON written is standard JSON (null) that any reader accepts, not Python's NaN extension."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_json(path: str, value, **kwargs):
+    """Write `value` to `path` as standard JSON (NaN as null); kwargs go to json.dump."""
+    with open(path, "w") as f:
+        json.dump(strict_json(value), f, indent=1, allow_nan=False, **kwargs)
+
+
+def reliability_diagram_png(count, confidence, hits, title="") -> bytes:
+    """A reliability diagram (accuracy and mean confidence per bin) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    count, confidence, hits = (np.asarray(v, np.float64) for v in (count, confidence, hits))
+    bins = len(count)
+    edges = np.linspace(0, 1, bins + 1)
+    nonempty = count > 0
+    acc = np.where(nonempty, hits / np.maximum(count, 1), 0)
+    conf = np.where(nonempty, confidence / np.maximum(count, 1), 0)
+    ece = np.abs(hits - confidence).sum() / max(count.sum(), 1)
+    mce = np.max(np.where(nonempty, np.abs(acc - conf), 0))
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    ax.bar(edges[:-1], acc, width=1 / bins, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(edges[:-1], conf - acc, bottom=acc, width=1 / bins, align="edge", color="red",
+           alpha=0.3, label="gap")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"{title} ECE {100 * ece:.1f}  MCE {100 * mce:.1f}".strip())
+    ax.legend(loc="upper left")
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def percent(value) -> str:
+    """A fraction as a percentage with one decimal, or "n/a" for a missing (None / NaN) value."""
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def format_table(rows: dict, columns=RESULT_COLUMNS) -> str:
+    """A Markdown table of runs (rows) by metrics (columns, in %; NLL as is)."""
+    head = "| run | " + " | ".join(c.replace("_accuracy", "") for c in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
+    for name, metrics in rows.items():
+        cells = []
+        for c in columns:
+            value = metrics.get(c, float("nan"))
+            cells.append(f"{value:.3f}" if c == "nll" and value is not None and not math.isnan(value)
+                         else percent(value))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""The settings of a training run: `RunConfig` (each field a flag of tools/train.py, so flag
+files in `configs/` set exactly these names), the baselines, and the data a config names."""
+
+import dataclasses
+import os
+from typing import List
+
+from balpoe_tf import models
+from balpoe_tf import data as lt_data
+from balpoe_tf.config import (at_least, between, Check, config_field, each, either, FINITE, greater_than, NON_EMPTY,
+                              one_of, refuse, RunError, validate)
+
+
+# Baselines in the same code: name -> overrides.
+BASELINES = {
+    "ce": dict(num_experts=1, lambdas=[1.0], target_mean_lambda=1.0, mixup_alpha=0.0),
+    "bs": dict(num_experts=1, lambdas=[0.0], target_mean_lambda=0.0, mixup_alpha=0.0),
+    "erm": dict(mixup_alpha=0.0),
+    "uniform": dict(lambdas=None),  # M experts, all lambda = 0
+}
+
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "none")
+
+
+SCHEDULES = ("step", "cosine")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a training run (each field is a flag of tools/train.py).
+
+    Making one checks every value against its rule and the settings against each other
+    (`ConfigError` names the flag, its value and what it may be)."""
+
+    output_dir: str = config_field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.",
+                                   NON_EMPTY)
+    # Data.
+    dataset: str = config_field("digits", "Data source: a name, or tfds:NAME for any TFDS image-classification "
+                                          "dataset (e.g. tfds:imagenet_lt).",
+                                Check(lambda v: v in lt_data.DATASETS or (v.startswith(lt_data.TFDS_PREFIX)
+                                                                          and len(v) > len(lt_data.TFDS_PREFIX)),
+                                      "one of " + ", ".join(sorted(lt_data.DATASETS)) + " or tfds:NAME"))
+    data_dir: str = config_field("", "TFDS data_dir holding prepared datasets (default ~/tensorflow_datasets).")
+    tfds_split_train: str = config_field("train", "--dataset=tfds:NAME: the training split (slices work: "
+                                                  "train[:90%]).", NON_EMPTY)
+    tfds_split_test: str = config_field("test", "--dataset=tfds:NAME: the (balanced) test split.", NON_EMPTY)
+    tfds_image_key: str = config_field("", "--dataset=tfds:NAME: the image feature (default: the Image one).")
+    tfds_label_key: str = config_field("", "--dataset=tfds:NAME: the label feature (default: 'label', or the "
+                                           "ClassLabel one).")
+    tfds_in_memory: str = config_field("auto", "--dataset=tfds:NAME: load the images into memory (auto: when "
+                                               "they have one fixed shape, e.g. CIFAR) or stream them from "
+                                               "TFDS's files.", one_of(("auto", "yes", "no")))
+    download: bool = config_field(False, "Let TFDS download the dataset (needs internet).")
+    data_path: str = config_field("", "The .npz file (--dataset=npz) or image folder (--dataset=folder).")
+    train_list: str = config_field("", "'path label' list of training images (--dataset=list).")
+    test_list: str = config_field("", "'path label' list of test images (--dataset=list).")
+    data_root: str = config_field("", "Folder the list-file paths are relative to.")
+    num_classes: int = config_field(0, "Number of classes for --dataset=list (0: largest label + 1).",
+                                    at_least(0))
+    image_size: int = config_field(32, "Side of the model input for image files.", at_least(8))
+    tfds_images: str = config_field("", "With --dataset=list: take the listed images missing under "
+                                        "--data_root from this prepared TFDS dataset (imagenet2012, in "
+                                        "--data_dir) and write them there first.")
+    imbalance_ratio: float = config_field(100.0, "Head/tail ratio of the long-tailed training split; "
+                                           "0 keeps the source's own class counts.",
+                                          either(0, at_least(1), "the source's own counts"))
+    augment: str = config_field("cifar", "Training augmentation.", one_of(lt_data.AUGMENTATIONS))
+    mean: List[float] = config_field([], "Per-channel normalisation mean in [0, 1] (default: the source's).",
+                                     each(between(0, 1)))
+    std: List[float] = config_field([], "Per-channel normalisation std in [0, 1] (default: the source's).",
+                                    each(Check(lambda v: 0 < v <= 1, "in (0, 1]")))
+    test_crop: float = config_field(0.0, "Image files: test resize to size/test_crop, centre crop (0.875); "
+                                         "0 resizes the whole image.",
+                                    either(0, Check(lambda v: 0 < v <= 1, "in (0, 1]"), "off"))
+    holdout_fraction: float = config_field(0.0, "Share of each class's training images set aside (never trained "
+                                                "on) to calibrate the ensemble for test-time prior estimation "
+                                                "(0: none, as in the paper).", between(0, 0.5, open_high=True))
+    bad_images: str = config_field("fail", "Image files that are not images: 'fail' naming the file, "
+                                           "or 'skip' them with a message.", one_of(("fail", "skip")))
+    # Model.
+    backbone: str = config_field("resnet32", "Backbone.", one_of(sorted(models.BACKBONES)))
+    num_experts: int = config_field(3, "Number of experts M.", at_least(1))
+    lambdas: List[float] = config_field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).",
+                                        each(FINITE))
+    target_mean_lambda: float = config_field(0.0, "Mean lambda the ensemble should have (0: balanced); "
+                                            "a different mean of --lambdas warns.", FINITE)
+    scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).",
+                                greater_than(0))
+    precision: str = config_field("float32", "Compute precision (the loss stays float32).", one_of(PRECISIONS))
+    strategy: str = config_field("auto", "tf.distribute strategy: auto (MirroredStrategy over all GPUs "
+                                         "when there are several), mirrored, multi_worker (from TF_CONFIG) "
+                                         "or none.", one_of(STRATEGIES))
+    sync_bn: bool = config_field(False, "Synchronise batch-norm statistics across replicas.")
+    # Optimisation.
+    epochs: int = config_field(200, "Training epochs.", at_least(1))
+    batch_size: int = config_field(128, "Global batch size.", at_least(1))
+    lr: float = config_field(0.1, "Base learning rate.", greater_than(0))
+    schedule: str = config_field("step", "LR schedule, stepped per epoch: 'step' (warm-up, x gamma at "
+                                    "--milestones) or 'cosine' (to 0 at --epochs).", one_of(SCHEDULES))
+    warmup_epochs: int = config_field(5, "Linear warm-up epochs (at most --epochs).", at_least(0))
+    milestones: List[int] = config_field([160, 180], "Epochs (0-based, increasing, below --epochs) at which "
+                                                     "'step' multiplies the LR by --gamma.", each(at_least(0)))
+    gamma: float = config_field(0.1, "LR decay factor of 'step'.", greater_than(0))
+    weight_decay: float = config_field(5e-4, "L2 weight decay (added to the gradient before momentum).",
+                                       at_least(0))
+    momentum: float = config_field(0.9, "SGD momentum.", between(0, 1, open_high=True))
+    nesterov: bool = config_field(True, "Nesterov momentum (needs --momentum > 0).")
+    mixup_alpha: float = config_field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.",
+                                      either(0, greater_than(0), "no mixup"))
+    seed: int = config_field(1, "Seed of initialisation, shuffling, augmentation and mixup.", at_least(0))
+    deterministic: bool = config_field(False, "Enable TensorFlow op determinism (same seed, same weights).")
+    jit_compile: bool = config_field(False, "Compile the train step with XLA (slower on CPU; measured).")
+    # Run control.
+    eval_every: int = config_field(10, "Evaluate on the test set every N epochs (and at the end).", at_least(1))
+    checkpoint_every: int = config_field(10, "Save a checkpoint every N epochs (and at the end).", at_least(1))
+    compare: List[str] = config_field([], "Baselines to train after this run with the same data and "
+                                      "schedule, and to put in the result table.", each(one_of(BASELINES)))
+    dry_run: bool = config_field(False, "Build data and model, run one training step and one test batch, exit.")
+    export: bool = config_field(True, "At the end, export a TF Serving SavedModel to RUN/export/<version>.")
+    progress_every: float = config_field(30.0, "Inside an epoch or evaluation, seconds between progress lines "
+                                               "when output is not a terminal (0: none); a terminal gets one "
+                                               "updating line.", at_least(0))
+
+    def __post_init__(self):
+        validate(self)
+        if len(self.lambdas) != self.num_experts:
+            refuse("lambdas", self.lambdas, f"one value per expert: {self.num_experts} for "
+                   f"--num_experts={self.num_experts}")
+        if self.warmup_epochs > self.epochs:
+            refuse("warmup_epochs", self.warmup_epochs, f"at most --epochs={self.epochs}")
+        if self.schedule == "step" and (sorted(set(self.milestones)) != self.milestones
+                                        or any(m >= self.epochs for m in self.milestones)):
+            refuse("milestones", self.milestones, f"strictly increasing epochs below --epochs={self.epochs}")
+        if self.nesterov and self.momentum == 0:
+            refuse("momentum", self.momentum, "> 0 with --nesterov (or pass --nonesterov)")
+
+
+# Settings that do not change what a run computes, so a resumed run may differ in them.
+RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "progress_every",
+               "data_dir", "tfds_images", "download", "data_path", "train_list", "test_list", "data_root",
+               "jit_compile")
+
+
+def baseline_config(config: RunConfig, name: str) -> RunConfig:
+    """The config of baseline `name` trained like `config`, in a sub-folder of its run."""
+    if name not in BASELINES:
+        raise RunError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}")
+    overrides = dict(BASELINES[name])
+    if overrides.get("lambdas", 1) is None:
+        overrides["lambdas"] = [0.0] * config.num_experts
+    return dataclasses.replace(config, output_dir=os.path.join(config.output_dir, f"baseline_{name}"),
+                               compare=[], **overrides)
+
+
+def load_data(config: RunConfig) -> lt_data.LabeledData:
+    if config.tfds_images:
+        if config.dataset != "list":
+            raise RunError("--tfds_images goes with --dataset=list (the lists name the images to take)")
+        lt_data.extract_from_tfds([config.train_list, config.test_list], config.data_root,
+                                  config.tfds_images, config.data_dir or None)
+    data = lt_data.load_dataset(
+        config.dataset, imbalance_ratio=config.imbalance_ratio or None, data_dir=config.data_dir or None,
+        download=config.download, data_path=config.data_path, train_list=config.train_list,
+        test_list=config.test_list, data_root=config.data_root,
+        num_classes=config.num_classes or None, image_size=config.image_size,
+        mean=config.mean or None, std=config.std or None, test_crop=config.test_crop,
+        split_train=config.tfds_split_train, split_test=config.tfds_split_test, image_key=config.tfds_image_key,
+        label_key=config.tfds_label_key, in_memory=config.tfds_in_memory)
+    return lt_data.hold_out(data, config.holdout_fraction) if config.holdout_fraction else data
+
+
+def config_to_flags(config: RunConfig) -> str:
+    lines = []
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        lines.append(f"--{key}={value}")
+    return "\n".join(lines) + "\n"

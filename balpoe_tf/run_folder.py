@@ -1,0 +1,119 @@
+"""A run's folder: its record, checkpoints (atomic, with fallback past an unreadable one)
+and the checks that a resumed run is the same run."""
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Callable
+
+import keras
+
+# Imported for their Keras registrations: a saved model names its loss, optimizer and schedules.
+from balpoe_tf import losses, training  # noqa: F401
+from balpoe_tf.config import RunError
+from balpoe_tf.run_config import RUN_CONTROL, RunConfig
+
+
+CHECKPOINT_PATTERN = "checkpoints/epoch_{:04d}.keras"
+
+
+def config_path(output_dir):
+    return os.path.join(output_dir, "config.json")
+
+
+def checkpoints(output_dir: str) -> list:
+    """(epoch, path) of every checkpoint in a run folder, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoints", "epoch_*.keras")):
+        match = re.search(r"epoch_(\d+)\.keras$", path)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(output_dir: str):
+    """(epoch, path) of the newest checkpoint in a run folder, or (0, None)."""
+    return (checkpoints(output_dir) or [(0, None)])[0]
+
+
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def load_model_file(path: str):
+    """A saved Keras model; a file that cannot be read raises `RunError` naming it."""
+    try:
+        return keras.saving.load_model(path)
+    except Exception as e:  # Keras reports a damaged zip as many error types, some misleading
+        raise RunError(f"{path} is not a readable Keras model ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else 'no details'})") from e
+
+
+def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print):
+    """(epoch, model) of the newest checkpoint that loads, or (0, None) if there is none.
+
+    A newer checkpoint that cannot be read (e.g. truncated when the machine stopped) is
+    named in a warning and renamed `*.keras.unreadable` (kept, never tried again) once an
+    older one loads; if none loads, `RunError` lists them and nothing is renamed."""
+    found, unreadable = checkpoints(output_dir), []
+    for epoch, path in found:
+        try:
+            model = load_model_file(path)
+        except RunError as e:
+            log(f"warning: {e}; trying the previous checkpoint")
+            unreadable.append(path)
+            continue
+        for bad in unreadable:
+            os.replace(bad, bad + UNREADABLE_SUFFIX)
+            log(f"warning: kept the unreadable {bad} as {bad + UNREADABLE_SUFFIX}")
+        log(f"resuming from {path} (epoch {epoch})")
+        return epoch, model
+    if found:
+        raise RunError(f"no checkpoint in {output_dir}/checkpoints can be read ({', '.join(unreadable)}): "
+                       "check the Keras version (config.json records the one that wrote them), or start "
+                       "the run in a new --output_dir")
+    return 0, None
+
+
+def check_run_folder(config: RunConfig):
+    """Fail if the run folder holds another run's checkpoint that this config cannot resume."""
+    _, checkpoint = latest_checkpoint(config.output_dir)
+    if checkpoint is None:
+        return
+    path = config_path(config.output_dir)
+    if not os.path.isfile(path):
+        raise RunError(f"{config.output_dir} holds checkpoint {checkpoint} but no config.json, so it "
+                       "cannot be resumed safely: use a new --output_dir or delete the folder")
+    with open(path) as f:
+        saved = json.load(f)["config"]
+    current = dataclasses.asdict(config)
+    # A setting added after the run was saved had its default then.
+    saved = {**dataclasses.asdict(RunConfig()), **saved}
+    diffs = [f"--{k}: saved {saved[k]!r}, now {current[k]!r}" for k in current
+             if k not in RUN_CONTROL and saved[k] != current[k]]
+    if diffs:
+        raise RunError(f"{config.output_dir} holds a checkpoint of a different run ("
+                       + "; ".join(diffs) + "): use a new --output_dir, or the saved settings "
+                       f"(--flagfile={os.path.join(config.output_dir, 'flags.txt')}) to resume it")
+
+
+def load_run(run_dir: str):
+    """(model, saved run record) of a run folder made by tools/train.py."""
+    record_path = os.path.join(run_dir, "config.json")
+    model_path = os.path.join(run_dir, "model.keras")
+    if not os.path.isfile(model_path):
+        _, model_path = latest_checkpoint(run_dir)
+    if not os.path.isfile(record_path) or not model_path:
+        raise RunError(f"{run_dir} holds no trained model (model.keras or checkpoints/) with its "
+                       "config.json: pass the --output_dir of a tools/train.py run")
+    with open(record_path) as f:
+        record = json.load(f)
+    return load_model_file(model_path), record
+
+
+def save_atomic(model, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path[:-len(".keras")] + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
