@@ -143,6 +143,7 @@ def _our_lines(stderr):
             if not line.startswith(("I0000", "W0000", "E0000", "WARNING: All log messages"))]
 
 
+@pytest.mark.slow
 def test_tools_refuse_bad_values_with_exit_2_and_no_traceback():
     for name, args, message in [
         ("train", ["--flagfile=configs/demo.flags", "--batch_size=0"], "error: --batch_size=0: must be >= 1"),
@@ -155,6 +156,7 @@ def test_tools_refuse_bad_values_with_exit_2_and_no_traceback():
         assert _our_lines(result.stderr)[0].startswith(message) and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_lambda_mean_warning_is_one_clean_line():
     result = _tool("train", "--flagfile=configs/demo.flags", "--lambdas=1,0,0", "--dry_run", "--compare=")
     assert result.returncode == 0, result.stderr[-2000:]

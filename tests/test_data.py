@@ -177,6 +177,7 @@ def test_image_folder_and_list_sources(tmp_path):
         lt_data.load_image_list(str(train_list), str(test_list), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_tfds_cifar_with_mock_data():
     with tfds.testing.mock_data(num_examples=60):
         data = lt_data.load_dataset("cifar10", imbalance_ratio=2)
@@ -196,6 +197,7 @@ def test_unknown_dataset():
         lt_data.load_dataset("imagenet9")
 
 
+@pytest.mark.slow
 def test_train_pipeline_epochs_are_seeded_permutations():
     data = synthetic_data(num_classes=3, per_class=5)  # 15 images
     ds = lt_data.train_pipeline(data, batch_size=4, epochs=2, seed=7, augment="none")
@@ -345,6 +347,7 @@ def test_idx_source(tmp_path):
         lt_data.read_idx(str(tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_tfds_imagenet_lt_streams_its_three_splits():
     with tfds.testing.mock_data(as_dataset_fn=mock_imagenet_lt_records, policy=tfds.testing.MockPolicy.USE_CODE):
         data = lt_data.load_dataset("tfds:imagenet_lt", image_size=16, test_crop=0.875)
@@ -369,6 +372,7 @@ def test_tfds_imagenet_lt_streams_its_three_splits():
     np.testing.assert_array_equal(test_labels, data.test.labels)  # the test split in its order
 
 
+@pytest.mark.slow
 def test_tfds_balanced_dataset_streamed_long_tailed():
     with tfds.testing.mock_data(num_examples=200):
         in_memory = lt_data.load_dataset("tfds:mnist", imbalance_ratio=2)

@@ -69,6 +69,7 @@ def test_policy_tables_and_batch_output():
     np.testing.assert_array_equal(out, again)
 
 
+@pytest.mark.slow
 def test_pipeline_with_autoaugment():
     data = lt_data.from_arrays("a", IMAGES, [0, 1, 2], IMAGES, [0, 1, 2])
     images, labels = next(iter(lt_data.train_pipeline(data, 3, 1, augment="autoaugment")))

@@ -124,6 +124,7 @@ def test_list_subsets(tmp_path):
         evaluation.list_subsets(str(lists), test, 2, ["forward2"], str(tmp_path))
 
 
+@pytest.mark.slow
 def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     run = tmp_path / "tiny"
     config = run_config.RunConfig(output_dir=str(run), dataset="digits", imbalance_ratio=10,
@@ -171,6 +172,7 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
         evaluation.EvalConfig(run_dir=str(run), priors="none,oracle")
 
 
+@pytest.mark.slow
 def test_shifted_sets_of_a_run_streamed_from_tfds(tmp_path):
     import tensorflow_datasets as tfds
 

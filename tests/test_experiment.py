@@ -85,6 +85,7 @@ def _jpeg_lists(root, num_classes=3, per_class=2):
     (root / "test.txt").write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", LARGE_SCALE)
 def test_large_scale_configs_build_data_and_model(group, tmp_path):
     _jpeg_lists(tmp_path)
@@ -113,6 +114,7 @@ def test_large_scale_configs_build_data_and_model(group, tmp_path):
     assert test_images.shape == (6, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_imagenet_lt_from_tfds_dry_run(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -126,6 +128,7 @@ def test_imagenet_lt_from_tfds_dry_run(tmp_path):
     assert any(line.startswith("dry run: batch (16, 32, 32, 3)") for line in logs), logs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", sorted(set(CONFIG_GROUPS) - set(LARGE_SCALE)))
 def test_config_files_build_their_run(group, monkeypatch, tmp_path):
     # CIFAR comes from TFDS (or an image folder), Fashion-MNIST from a Debian package, none of
@@ -199,6 +202,7 @@ def test_json_files_are_standard_json(tmp_path):
     assert reporting.percent(None) == "n/a"
 
 
+@pytest.mark.slow
 def test_train_cli_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = run_cli(*TINY, "--compare=ce", "--progress_every=1e-9", f"--output_dir={out}")
@@ -264,6 +268,7 @@ def _weights(path):
     return model, [w.numpy() for w in model.weights]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     args = [*TINY, "--epochs=10"]
     full = run_cli(*args, f"--output_dir={tmp_path / 'full'}")
@@ -293,6 +298,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     config = parse(*TINY, f"--output_dir={tmp_path / 'run'}", "--noexport")
     experiment.train(config, log=lambda line: None)
@@ -317,6 +323,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert len(list((tmp_path / "run" / "checkpoints").glob("epoch_*.keras"))) == 2  # nothing renamed
 
 
+@pytest.mark.slow
 def test_diverged_run_stops_keeps_the_last_good_checkpoint_and_reports_nothing(tmp_path):
     out = tmp_path / "run"
     # LR x 1e8 from epoch 3 (0-based 2) on: epochs 1 and 2 train normally, then the loss explodes.
@@ -334,6 +341,7 @@ def test_diverged_run_stops_keeps_the_last_good_checkpoint_and_reports_nothing(t
         assert not (out / name).exists(), name
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(tmp_path):
     for name in ("a", "b"):
         result = run_cli(*TINY, "--epochs=2", "--augment=cifar", f"--output_dir={tmp_path / name}")
@@ -344,6 +352,7 @@ def test_same_seed_gives_identical_weights(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_clear_errors(tmp_path):
     result = run_cli("--flagfile=configs/demo.flags", "--learning_rate=0.1")
     assert result.returncode != 0 and "Unknown command line flag 'learning_rate'" in result.stderr
@@ -356,6 +365,7 @@ def test_clear_errors(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_incompatible_run_folder_is_refused(tmp_path):
     config = parse(*TINY, "--epochs=1", "--warmup_epochs=1", f"--output_dir={tmp_path}")
     experiment.train(config, log=lambda line: None)
@@ -382,6 +392,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_workers_on_loopback_agree_on_the_weights(tmp_path):
     ports = [_free_port(), _free_port()]
     procs = []

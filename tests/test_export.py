@@ -31,6 +31,7 @@ def _png(image):
     return tf.io.encode_png(image).numpy()
 
 
+@pytest.mark.slow
 def test_layout_and_versions(run, tmp_path):
     out, model, record, _ = run
     assert (out / "export" / "1" / "saved_model.pb").exists()
@@ -42,6 +43,7 @@ def test_layout_and_versions(run, tmp_path):
     assert (os.path.basename(first), os.path.basename(second)) == ("1", "2")
 
 
+@pytest.mark.slow
 def test_signatures_match_the_keras_model(run):
     out, model, record, data = run
     loaded = tf.saved_model.load(str(out / "export" / "1"))
@@ -60,6 +62,7 @@ def test_signatures_match_the_keras_model(run):
         assert [n.decode() for n in out_["top_k_names"].numpy()[0]] == [data.class_names[c] for c in top[0]]
 
 
+@pytest.mark.slow
 def test_prior_signatures_apply_the_posthoc_adjustment(run):
     out, model, record, data = run
     loaded = tf.saved_model.load(str(out / "export" / "1"))
@@ -77,6 +80,7 @@ def test_prior_signatures_apply_the_posthoc_adjustment(run):
     np.testing.assert_allclose(centre(by_log["logits"].numpy()), centre(expected), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors_and_the_model_keeps_serving(run):
     out, _, _, data = run
     loaded = tf.saved_model.load(str(out / "export" / "1"))
@@ -123,6 +127,7 @@ FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_rest_requests_in_a_process_without_balpoe_tf(run, tmp_path):
     out, model, _, data = run
     pixels = data.test.images[:2]
@@ -141,6 +146,7 @@ def test_rest_requests_in_a_process_without_balpoe_tf(run, tmp_path):
     assert np.array(served["predict_with_prior"]["probabilities"]).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_the_signatures(run):
     out = run[0]
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -168,6 +174,7 @@ def rgb_export(tmp_path_factory):
     return tf.saved_model.load(path).signatures["serving_default"]
 
 
+@pytest.mark.slow
 def test_unusual_image_bytes_are_served_or_refused_by_name(rgb_export):
     serve = lambda *images: rgb_export(images=tf.constant(list(images)))["logits"].numpy()  # noqa: E731
     rgb = np.random.RandomState(0).randint(0, 256, (16, 12, 3)).astype(np.uint8)

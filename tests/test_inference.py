@@ -51,6 +51,7 @@ def _model_logits(run):
     return model(lt_data.normalizer(data.mean, data.std)(pixels), training=False)["logits"].numpy()
 
 
+@pytest.mark.slow
 def test_run_folder_and_saved_model_agree_with_the_model(run):
     logs = []
     by_run = inference.predict_files(_config(run, top_k=3), log=logs.append)
@@ -67,6 +68,7 @@ def test_run_folder_and_saved_model_agree_with_the_model(run):
     assert "%" in logs[1] and run[4][0][-20:] in logs[1]
 
 
+@pytest.mark.slow
 def test_given_and_estimated_priors_match_the_evaluation(run):
     prior = np.arange(1, 11, dtype=np.float64)
     given = inference.predict_files(_config(run, top_k=10, prior=",".join(map(str, prior))), log=lambda line: None)
@@ -91,6 +93,7 @@ def test_given_and_estimated_priors_match_the_evaluation(run):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_estimate_prior_without_a_held_out_split_says_how_to_get_one(run, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(run[0] / "run", bare, ignore=shutil.ignore_patterns(label_shift.HOLDOUT_FILE))
@@ -111,6 +114,7 @@ def test_parse_prior_by_hand(tmp_path):
             inference.parse_prior(bad, 3)
 
 
+@pytest.mark.slow
 def test_inputs_unreadable_files_and_outputs(run, tmp_path):
     images = tmp_path / "mixed"
     shutil.copytree(run[0] / "images", images)
@@ -141,6 +145,7 @@ def test_inputs_unreadable_files_and_outputs(run, tmp_path):
         inference.image_paths(["missing.png"])
 
 
+@pytest.mark.slow
 def test_bad_models_and_settings(run, tmp_path):
     with pytest.raises(RunError, match="neither a run folder"):
         inference.load_classifier(str(tmp_path))
@@ -159,6 +164,7 @@ def test_bad_models_and_settings(run, tmp_path):
         inference.PredictConfig(model="m")
 
 
+@pytest.mark.slow
 def test_predict_tool(run):
     result = subprocess.run([sys.executable, "tools/predict.py", f"--model={run[0] / 'run'}",
                              f"--inputs={run[4][0]}", "--top_k=2"], cwd=REPO, capture_output=True, text=True,

@@ -73,6 +73,7 @@ def _trainable(layer):
     return sum(int(np.prod(w.shape)) for w in layer.trainable_weights)
 
 
+@pytest.mark.slow
 def test_resnet32_parameter_counts():
     model = models.BalPoEModel(100, 3, "resnet32")
     # Shared 23.8k, each expert 446k (stage 2 88.2k, stage 3 351.5k, classifier 6.4k).
@@ -110,6 +111,7 @@ def test_cosine_classifier():
     assert models.CosineClassifier.from_config(layer.get_config()).scale == 30.0
 
 
+@pytest.mark.slow
 def test_keras_file_round_trip(tmp_path):
     model = models.BalPoEModel(5, 2, "resnet8", scale=16.0, input_shape=(8, 8, 3))
     model.compile(training.SGDWithL2(0.05), losses.LogitAdjustedLoss([9, 5, 3, 2, 1], [1, -1]), 0.4)
@@ -140,6 +142,7 @@ def test_lambda_list_must_match_experts():
         model.compile(training.SGDWithL2(0.1), losses.LogitAdjustedLoss([1, 1, 1, 1], [1, -1]))
 
 
+@pytest.mark.slow
 def test_train_step_without_mixup_is_the_plain_loss():
     model, data = _compiled(lr=0.0, alpha=0.0)
     x = (data.train.images[:8].astype(np.float32) - 128) / 64
@@ -149,6 +152,7 @@ def test_train_step_without_mixup_is_the_plain_loss():
     assert logs["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_training_decreases_the_loss_and_evaluates():
     model, data = _compiled(alpha=0.4)
     ds = lt_data.train_pipeline(data, 16, epochs=12, seed=0, augment="none")
@@ -211,6 +215,7 @@ DISTRIBUTED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bn", ["per_replica", "sync"])
 def test_mirrored_strategy_matches_one_device(bn):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -220,6 +225,7 @@ def test_mirrored_strategy_matches_one_device(bn):
     assert "replicas 2" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,without_fc", [("resnet50", 23508032), ("resnext50", 22979904)])
 def test_imagenet_backbone_parameter_counts(backbone, without_fc):
     # torchvision's resnet50 / resnext50_32x4d have these many parameters without the fc layer.
@@ -241,12 +247,14 @@ def test_bottleneck_projection_and_groups():
     assert not same.projection  # identity shortcut when stride and width are unchanged
 
 
+@pytest.mark.slow
 def test_resnext_ensemble_runs_small_images():
     model = models.BalPoEModel(5, 2, "resnext50", input_shape=(64, 64, 3))
     out = model(np.random.rand(2, 64, 64, 3).astype(np.float32))
     assert out["expert_logits"].shape == (2, 2, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_keeps_the_loss_in_float32(policy):
     keras.mixed_precision.set_global_policy(policy)

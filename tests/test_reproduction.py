@@ -63,6 +63,7 @@ def test_summary_row_by_hand():
         "method": "balpoe", "seed": 1, "epochs": 200, "finished": False, "epochs_done": 40}
 
 
+@pytest.mark.slow
 def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     base, root = _base(tmp_path), str(tmp_path / "root")
     settings = reproduction.ReproduceConfig(methods=["balpoe", "bs"], seeds=[1], run_root=root, train=False)

@@ -43,6 +43,7 @@ def _outputs(layer, x):
     return [np.asarray(v) for v in (out.values() if isinstance(out, dict) else [out])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_round_trips(name, tmp_path):
     layer, x = LAYERS[name]()
@@ -63,6 +64,7 @@ def test_layer_round_trips(name, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), expected[0])
 
 
+@pytest.mark.slow
 def test_model_loss_and_optimizer_round_trip(tmp_path):
     model = models.BalPoEModel(5, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
     loss = losses.LogitAdjustedLoss([40, 10, 5, 2, 1], [1.0, -1.0])
