@@ -211,9 +211,11 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
                                           train_counts)
             elif isinstance(mode, tuple):
                 estimator, primary = mode
-                prior = label_shift.estimate_prior(estimator, logits - trained_log_prior, base, holdout,
+                balanced = logits - trained_log_prior
+                prior = label_shift.estimate_prior(estimator, balanced, base, holdout,
                                                    safeguard_level=safeguard_level)
-                metrics = set_metrics(labels, posthoc_adjust(logits, prior, train_counts, mean_lambda), train_counts)
+                adapted = label_shift.adapt(balanced, prior, label_shift.estimator_calibration(estimator, holdout))
+                metrics = set_metrics(labels, adapted, train_counts)
                 metrics.update(estimator=estimator, prior=prior.tolist(),
                                prior_l1_error=float(np.abs(prior - counts / counts.sum()).sum()))
                 entry[estimated_mode(estimator, primary)] = metrics

@@ -1,7 +1,8 @@
 """Export a trained ensemble as a SavedModel that TF Serving loads as it is.
 
 Layout: `<export_dir>/<version>/saved_model.pb` + `variables/`, versions 1, 2, ..., and
-`assets.extra/balpoe_tf.json` (class names, training counts, mean lambda) for tools/predict.py.
+`assets.extra/balpoe_tf.json` (class names, training counts, mean lambda, calibration) for
+tools/predict.py.
 Signatures (all return probabilities, logits, expert_logits, top_k_classes,
 top_k_scores, top_k_names):
 
@@ -11,6 +12,9 @@ top_k_scores, top_k_names):
 - `predict_with_prior(images, prior)`: bytes plus a target prior of C values; the post-hoc
   adjustment `+ log p - lambda_bar * log pi_train` is applied in the graph.
 - `predict_with_log_prior(images, log_prior)`: the same with the prior's log.
+- `predict_calibrated_with_prior(images, prior)`, for a run trained with a held-out split:
+  the calibrated balanced logits plus `log p` (`label_shift.adapt`), to serve a deployment
+  prior estimated by the calibrated estimators.
 """
 
 import dataclasses
@@ -45,8 +49,8 @@ def next_version(export_dir: str) -> int:
 
 
 def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: float, top_k: int = 5,
-                      test_crop: float = 0.0, max_pixels: int = MAX_IMAGE_PIXELS):
-    """The four serving functions of `model` (see the module docstring).
+                      test_crop: float = 0.0, max_pixels: int = MAX_IMAGE_PIXELS, calibration=None):
+    """The serving functions of `model` (see the module docstring).
 
     Args:
         model: a `BalPoEModel`.
@@ -57,6 +61,8 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
         top_k: how many classes the top-k outputs hold (at most C).
         test_crop: the run's test-time centre-crop fraction (`LabeledData.test_crop`).
         max_pixels: larger images are refused from their header, before decoding.
+        calibration: a `label_shift.Calibration` of the run (its held-out split); with it,
+            `predict_calibrated_with_prior` is added.
 
     Returns:
         `{signature name: (function, input signature)}`.
@@ -108,25 +114,39 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
         with tf.control_dependencies(checks):
             return tf.maximum(log_prior, np.log(PRIOR_FLOOR)) - trained_log_prior
 
-    def with_prior(images, prior):
+    def log_of_prior(prior):
         checks = [check_length(prior),
                   tf.debugging.assert_non_negative(prior, message="prior must have no negative entries"),
                   tf.debugging.assert_positive(tf.reduce_sum(prior), message="prior must have a positive sum")]
         with tf.control_dependencies(checks):
-            p = prior / tf.reduce_sum(prior)
-        return run(decode(images), log_prior_bias(tf.math.log(tf.maximum(p, PRIOR_FLOOR))))
+            return tf.math.log(tf.maximum(prior / tf.reduce_sum(prior), PRIOR_FLOOR))
+
+    def with_prior(images, prior):
+        return run(decode(images), log_prior_bias(log_of_prior(prior)))
+
+    def calibrated_with_prior(images, prior):
+        # label_shift.adapt in the graph: balanced logits / T + b + log p (the experts get the
+        # prior alone).
+        log_p = log_of_prior(prior)
+        out = model(decode(images), training=False)
+        balanced = out["logits"] - trained_log_prior
+        logits = balanced / calibration.temperature + tf.constant(calibration.biases, tf.float32) + log_p
+        return outputs(logits, out["expert_logits"] - trained_log_prior + log_p)
 
     image_bytes = tf.TensorSpec([None], tf.string, name="images")
     # The prior's length is checked in the graph: a declared [C] would let TensorFlow fold
     # the check away and fail later with a shape error that names no input.
     prior_spec = lambda name: tf.TensorSpec([None], tf.float32, name=name)  # noqa: E731
-    return {
+    functions = {
         "serving_default": (lambda images: run(decode(images)), [image_bytes]),
         "predict_tensor": (run, [tf.TensorSpec((None,) + shape, tf.float32, name="images")]),
         "predict_with_prior": (with_prior, [image_bytes, prior_spec("prior")]),
         "predict_with_log_prior": (lambda images, log_prior: run(decode(images), log_prior_bias(log_prior)),
                                    [image_bytes, prior_spec("log_prior")]),
     }
+    if calibration is not None:
+        functions["predict_calibrated_with_prior"] = (calibrated_with_prior, [image_bytes, prior_spec("prior")])
+    return functions
 
 
 def export_saved_model(model, export_dir: str, mean, std, class_names, train_counts,
@@ -138,7 +158,7 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
     archive = keras.export.ExportArchive()
     archive.track(model)
     for name, (fn, signature) in serving_functions(model, mean, std, class_names, train_counts,
-                                                   mean_lambda, top_k, test_crop, max_pixels).items():
+                                                   mean_lambda, top_k, test_crop, max_pixels, calibration).items():
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(path, verbose=False)
     # TF Serving ignores assets.extra (beyond its warm-up file); tools/predict.py reads the

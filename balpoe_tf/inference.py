@@ -218,19 +218,23 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
         raise lt_data.DataError("none of the given files is a readable image")
     balanced = np.concatenate([classifier.balanced_logits(contents[i:i + config.batch_size])
                                for i in range(0, len(contents), config.batch_size)])
+    calibration = None
     if known is not None:
         mode, prior = "given", known
     elif config.estimate_prior:
         mode = "estimated"
+        model_prior = label_shift.model_prior(classifier.train_counts, classifier.mean_lambda)
         try:
-            prior = label_shift.estimate_prior(config.prior_estimator, balanced, label_shift.model_prior(classifier.train_counts, classifier.mean_lambda),
-                                               classifier.holdout, classifier.calibration, config.prior_safeguard)
+            prior = label_shift.estimate_prior(config.prior_estimator, balanced, model_prior, classifier.holdout,
+                                               classifier.calibration, config.prior_safeguard)
         except ValueError as e:
             raise RunError(f"{config.model}: {e}") from None
+        calibration = label_shift.estimator_calibration(config.prior_estimator, classifier.holdout,
+                                                        classifier.calibration)
     else:
         mode, prior = "none", None
-    logits = balanced + (classifier.trained_log_prior() if prior is None
-                         else np.log(np.maximum(prior, lt_data.PRIOR_FLOOR)))
+    logits = balanced + classifier.trained_log_prior() if prior is None else \
+        label_shift.adapt(balanced, prior, calibration)
     probs = label_shift.softmax(logits)
     k = min(config.top_k, num_classes)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]

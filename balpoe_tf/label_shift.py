@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from scipy import optimize, stats
 
-from balpoe_tf.data.longtail import class_prior
+from balpoe_tf.data.longtail import PRIOR_FLOOR, class_prior
 
 # Estimators by name; those after "map_em" need the run's held-out split.
 ESTIMATORS = ("em", "map_em", "bbse", "ts_em", "bcts_em")
@@ -212,6 +212,27 @@ class Holdout:
                    fit_calibration(balanced_logits, labels, uniform, biases=False))
 
 
+def estimator_calibration(method: str, holdout: Optional[Holdout] = None,
+                          calibration: Optional[Calibration] = None) -> Optional[Calibration]:
+    """The calibration an estimator works with (None for those on the raw posteriors): the
+    held-out split's BCTS for "bcts_em" (or the given one, e.g. a SavedModel's), its
+    temperature alone for "ts_em"."""
+    if method == "ts_em":
+        return None if holdout is None else holdout.temperature_only
+    if method == "bcts_em":
+        return holdout.calibration if holdout is not None else calibration
+    return None
+
+
+def adapt(balanced_logits, prior, calibration: Optional[Calibration] = None) -> np.ndarray:
+    """Logits for inputs drawn with label prior `prior`: the (calibrated) balanced logits
+    plus `log prior` (zero entries floored at `PRIOR_FLOOR`). With the estimator's own
+    calibration this is the adaptation of Alexandari et al.: the calibrated posterior
+    re-weighted by the prior."""
+    z = np.asarray(balanced_logits, np.float64) if calibration is None else calibration.apply(balanced_logits)
+    return z + np.log(np.maximum(np.asarray(prior, np.float64), PRIOR_FLOOR))
+
+
 def estimate_prior(method: str, balanced_logits, base_prior, holdout: Optional[Holdout] = None,
                    calibration: Optional[Calibration] = None,
                    safeguard_level: float = DEFAULT_SAFEGUARD_LEVEL) -> np.ndarray:
@@ -233,15 +254,13 @@ def estimate_prior(method: str, balanced_logits, base_prior, holdout: Optional[H
     """
     if method not in ESTIMATORS:
         raise ValueError(f"unknown prior estimator {method!r}; choose from {ESTIMATORS}")
-    if holdout is not None and method in ("ts_em", "bcts_em"):
-        calibration = holdout.temperature_only if method == "ts_em" else holdout.calibration
+    calibration = estimator_calibration(method, holdout, calibration)
     if method in NEEDS_HOLDOUT and (holdout is None if method == "bbse" else calibration is None):
         raise ValueError(f"the {method} prior estimator needs a held-out split: train with --holdout_fraction "
                          "(e.g. 0.1), or choose the em or map_em estimator")
     base = np.asarray(base_prior, np.float64)
     log_base = np.log(base)
-    calibrated = method in ("ts_em", "bcts_em")
-    probs = softmax((calibration.apply(balanced_logits) if calibrated else balanced_logits) + log_base)
+    probs = softmax((balanced_logits if calibration is None else calibration.apply(balanced_logits)) + log_base)
     if method == "bbse":
         prior = bbse(holdout.labels, holdout.balanced_logits + log_base, np.asarray(balanced_logits) + log_base,
                      base)

@@ -190,3 +190,18 @@ def test_shifted_sets_of_a_run_streamed_from_tfds(tmp_path):
     assert results["streamed"]["uniform"]["none"]["size"] == len(data.test) == 300
     expected = evaluation.shifted_indices(data.test.labels, data.train_counts(), "forward10")
     assert results["streamed"]["forward10"]["none"]["size"] == len(expected)
+
+
+def test_calibrated_estimators_adapt_the_calibrated_logits():
+    rng = np.random.RandomState(0)
+    labels = np.repeat(np.arange(3), 50)
+    logits = rng.randn(150, 3) + 2.0 * np.eye(3)[labels]
+    holdout = label_shift.Holdout.fit(labels[::3], logits[::3] * 0.5)
+    preds = evaluation.Predictions(labels, logits, logits[:, None, :])
+    out = evaluation.evaluate_predictions(preds, [50, 50, 50], 0.0, ["uniform"], ["estimated"],
+                                          estimators=["bcts_em"], holdout=holdout, safeguard_level=0)
+    estimate = out["uniform"]["estimated"]
+    adapted = label_shift.adapt(logits, estimate["prior"], holdout.calibration)
+    assert estimate["accuracy"] == pytest.approx(np.mean(np.argmax(adapted, 1) == labels))
+    assert estimate["nll"] == pytest.approx(-np.mean(np.log(label_shift.softmax(adapted)[np.arange(150), labels])),
+                                            rel=1e-4)

@@ -174,3 +174,15 @@ def test_predict_tool(run):
     assert lines[0] == "1 image(s), 0 skipped; prior: no prior (the model's own)"
     shown = lines[1].split("  ")[0]  # a long path is shown as "..." and its end
     assert run[4][0].endswith(shown.removeprefix("...")) and lines[1].count("%") == 2
+
+
+@pytest.mark.slow
+def test_saved_model_serves_the_calibrated_adaptation(run):
+    saved = tf.saved_model.load(str(run[0] / "run" / "export" / "1"))
+    serve = saved.signatures["predict_calibrated_with_prior"]
+    prior = np.arange(1, 11, dtype=np.float32)
+    images = tf.constant([open(p, "rb").read() for p in run[4]])
+    served = serve(images=images, prior=tf.constant(prior))["logits"].numpy()
+    holdout = label_shift.load_holdout(str(run[0] / "run"))
+    expected = label_shift.adapt(_model_logits(run), prior / prior.sum(), holdout.calibration)
+    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)

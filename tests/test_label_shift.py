@@ -121,3 +121,12 @@ def test_holdout_round_trip(tmp_path):
     assert record["bcts"]["nll_after"] <= record["bcts"]["nll_before"]
     restored = label_shift.Calibration.from_dict(record["bcts"])
     np.testing.assert_allclose(restored.apply(logits), saved.calibration.apply(logits))
+
+
+def test_adapt_by_hand():
+    calibration = label_shift.Calibration(2.0, np.array([1.0, 0.0]))
+    np.testing.assert_allclose(label_shift.adapt([[2.0, 0.0]], [0.25, 0.75], calibration),
+                               [[2.0 / 2 + 1 + math.log(0.25), math.log(0.75)]])
+    np.testing.assert_allclose(label_shift.adapt([[2.0, 0.0]], [0.0, 1.0]), [[2.0 + math.log(1e-8), 0.0]])
+    assert label_shift.estimator_calibration("em", calibration=calibration) is None
+    assert label_shift.estimator_calibration("bcts_em", calibration=calibration) is calibration
