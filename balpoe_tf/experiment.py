@@ -205,7 +205,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     if data.holdout is not None:
         calibration = calibrate_on_holdout(model, data, config, test_batch).calibration
         log(f"calibrated on {len(data.holdout)} held-out images: temperature {calibration.temperature:.3f}, "
-            f"balanced NLL {calibration.nll_before:.3f} -> {calibration.nll_after:.3f} "
+            f"held-out NLL {calibration.nll_before:.3f} -> {calibration.nll_after:.3f} "
             f"({label_shift.CALIBRATION_FILE})")
     if config.export:
         path = export.export_run(model, record, os.path.join(config.output_dir, "export"), calibration=calibration)
@@ -223,7 +223,7 @@ def calibrate_on_holdout(model, data: lt_data.LabeledData, config: RunConfig, ba
         logits.append(forward(images).numpy())
     trained_log_prior = float(np.mean(config.lambdas)) * np.log(lt_data.class_prior(data.train_counts()))
     return label_shift.save_holdout(config.output_dir, np.concatenate(labels),
-                                    np.concatenate(logits).astype(np.float64) - trained_log_prior)
+                                    np.concatenate(logits).astype(np.float64) - trained_log_prior, data.train_counts())
 
 
 def _eval_epochs(config: RunConfig, start_epoch: int) -> list:

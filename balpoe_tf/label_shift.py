@@ -3,8 +3,8 @@
 Plain maximum-likelihood EM (Saerens et al., 2002) assumes calibrated posteriors; with a
 miscalibrated model it over-corrects. So the ensemble is first calibrated on a held-out
 split of the training data (bias-corrected temperature scaling, BCTS; Alexandari et al.,
-2020), re-weighted to the prior the ensemble targets, and EM runs on the calibrated
-posteriors. Black-box shift estimation (BBSE; Lipton et al., 2018) and a Dirichlet-MAP EM
+2020), EM runs on the calibrated posteriors and the estimate re-weights them (`adapt`).
+Black-box shift estimation (BBSE; Lipton et al., 2018) and a Dirichlet-MAP EM
 are offered beside it, and a likelihood-ratio test keeps the training-time prior when the
 unlabeled data give no significant evidence of a shift.
 """
@@ -52,7 +52,7 @@ class Calibration:
         temperature: > 1 softens an overconfident model, < 1 sharpens an underconfident one.
         biases: `(C,)` per-class offsets (zeros for plain temperature scaling).
         holdout_size: images it was fitted on.
-        nll_before, nll_after: re-weighted held-out NLL of the raw and calibrated logits.
+        nll_before, nll_after: held-out NLL of the raw and calibrated logits.
     """
 
     temperature: float
@@ -76,41 +76,28 @@ class Calibration:
                    float(values.get("nll_after", "nan")))
 
 
-def balancing_weights(labels, target_prior) -> np.ndarray:
-    """Per-sample weights that make a labeled set's class mix `target_prior` (mean 1)."""
-    labels = np.asarray(labels)
-    target = np.asarray(target_prior, np.float64)
-    counts = np.bincount(labels, minlength=len(target)).astype(np.float64)
-    per_class = np.divide(target, counts, out=np.zeros_like(target), where=counts > 0)
-    weights = per_class[labels]
-    return weights * len(labels) / weights.sum()
-
-
-def _weighted_nll(logits, labels, weights) -> float:
+def _nll(logits, labels) -> float:
     z = logits - logits.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-(weights * log_p[np.arange(len(labels)), labels]).sum() / weights.sum())
+    return float(-np.mean(log_p[np.arange(len(labels)), labels]))
 
 
-def fit_calibration(logits, labels, target_prior, biases: bool = True) -> Calibration:
-    """Fit (bias-corrected) temperature scaling by weighted maximum likelihood.
+def fit_calibration(logits, labels, biases: bool = True) -> Calibration:
+    """Fit (bias-corrected) temperature scaling by maximum likelihood on labeled data.
 
     The NLL is convex in (1 / temperature, biases), so L-BFGS finds the optimum.
 
     Args:
-        logits: `(N, C)` held-out ensemble logits.
+        logits: `(N, C)` held-out logits.
         labels: `(N,)` their classes.
-        target_prior: the class mix the calibrated posteriors should assume (the samples
-            are re-weighted to it): the prior the ensemble targets.
         biases: fit per-class biases (BCTS) or the temperature alone (TS).
 
     Returns:
-        The fitted `Calibration`.
+        The fitted `Calibration` (posteriors calibrated for the data's own class mix).
     """
     logits = np.asarray(logits, np.float64)
     labels = np.asarray(labels, np.int64)
     n, c = logits.shape
-    weights = balancing_weights(labels, target_prior) / n
     onehot = np.eye(c)[labels]
 
     def objective(theta):
@@ -118,20 +105,18 @@ def fit_calibration(logits, labels, target_prior, biases: bool = True) -> Calibr
         z = a * logits + b
         z = z - z.max(axis=1, keepdims=True)
         log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        residual = weights[:, None] * (np.exp(log_p) - onehot)
+        residual = (np.exp(log_p) - onehot) / n
         grad_a = np.sum(residual * logits)
         grad = np.concatenate([[grad_a], residual.sum(axis=0)]) if biases else np.array([grad_a])
-        return -np.sum(weights * log_p[np.arange(n), labels]), grad
+        return -np.mean(log_p[np.arange(n), labels]), grad
 
     theta0 = np.concatenate([[1.0], np.zeros(c)]) if biases else np.array([1.0])
     bounds = [(1e-3, 1e3)] + [(None, None)] * (c if biases else 0)
     theta = optimize.minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
                               options={"maxiter": 1000}).x
-    fitted_biases = theta[1:] - theta[1:].mean() if biases else np.zeros(c)
-    calibration = Calibration(1.0 / theta[0], fitted_biases, n)
-    w = balancing_weights(labels, target_prior)
-    calibration.nll_before = _weighted_nll(logits, labels, w)
-    calibration.nll_after = _weighted_nll(calibration.apply(logits), labels, w)
+    calibration = Calibration(1.0 / theta[0], theta[1:] - theta[1:].mean() if biases else np.zeros(c), n)
+    calibration.nll_before = _nll(logits, labels)
+    calibration.nll_after = _nll(calibration.apply(logits), labels)
     return calibration
 
 
@@ -197,7 +182,14 @@ def shift_is_significant(probs, prior, base_prior, level: float) -> bool:
 @dataclasses.dataclass
 class Holdout:
     """A run's held-out predictions (balanced logits: the trained prior removed) and the
-    calibrations fitted on them, re-weighted to a balanced class mix."""
+    calibrations fitted on them.
+
+    The held-out images follow the training distribution, so the calibration is fitted as
+    Alexandari et al. do, on the logits of that distribution (`balanced + log pi_train`)
+    without re-weighting, and then stated for balanced logits. Re-weighting the held-out
+    images to a balanced mix, measured, gave noisier biases: the tail classes have only a
+    few held-out images each (docs/results.md).
+    """
 
     labels: np.ndarray
     balanced_logits: np.ndarray
@@ -205,11 +197,19 @@ class Holdout:
     temperature_only: Calibration
 
     @classmethod
-    def fit(cls, labels, balanced_logits) -> "Holdout":
-        uniform = np.full(np.shape(balanced_logits)[1], 1.0 / np.shape(balanced_logits)[1])
+    def fit(cls, labels, balanced_logits, train_prior) -> "Holdout":
+        log_prior = np.log(np.asarray(train_prior, np.float64))
+        source_logits = np.asarray(balanced_logits, np.float64) + log_prior
         return cls(np.asarray(labels), np.asarray(balanced_logits, np.float64),
-                   fit_calibration(balanced_logits, labels, uniform),
-                   fit_calibration(balanced_logits, labels, uniform, biases=False))
+                   _balanced_frame(fit_calibration(source_logits, labels), log_prior),
+                   _balanced_frame(fit_calibration(source_logits, labels, biases=False), log_prior))
+
+
+def _balanced_frame(calibration: Calibration, log_prior) -> Calibration:
+    """The calibration of `balanced + log_prior` logits restated for balanced logits:
+    `(z + log pi) / T + b - log pi = z / T + b + (1 / T - 1) log pi`."""
+    biases = calibration.biases + (1.0 / calibration.temperature - 1.0) * log_prior
+    return dataclasses.replace(calibration, biases=biases - biases.mean())
 
 
 def estimator_calibration(method: str, holdout: Optional[Holdout] = None,
@@ -273,10 +273,11 @@ HOLDOUT_FILE = "holdout_predictions.npz"
 CALIBRATION_FILE = "calibration.json"
 
 
-def save_holdout(run_dir: str, labels, balanced_logits) -> Holdout:
+def save_holdout(run_dir: str, labels, balanced_logits, train_counts) -> Holdout:
     """Store a run's held-out predictions, fit the calibrations and record them
-    (`calibration.json`: temperature, biases and held-out NLL before and after)."""
-    holdout = Holdout.fit(labels, balanced_logits)
+    (`calibration.json`: temperature, biases for balanced logits, and the held-out NLL
+    before and after)."""
+    holdout = Holdout.fit(labels, balanced_logits, class_prior(train_counts))
     np.savez(os.path.join(run_dir, HOLDOUT_FILE), labels=np.asarray(labels),
              balanced_logits=np.asarray(balanced_logits, np.float32))
     with open(os.path.join(run_dir, CALIBRATION_FILE), "w") as f:
@@ -286,9 +287,12 @@ def save_holdout(run_dir: str, labels, balanced_logits) -> Holdout:
 
 
 def load_holdout(run_dir: str) -> Optional[Holdout]:
-    """The held-out predictions of a run trained with --holdout_fraction (None without)."""
+    """The held-out predictions of a run trained with --holdout_fraction (None without),
+    calibrated with the training counts of its config.json."""
     path = os.path.join(run_dir, HOLDOUT_FILE)
     if not os.path.isfile(path):
         return None
+    with open(os.path.join(run_dir, "config.json")) as f:
+        train_counts = json.load(f)["data"]["train_counts"]
     with np.load(path) as saved:
-        return Holdout.fit(saved["labels"], saved["balanced_logits"].astype(np.float64))
+        return Holdout.fit(saved["labels"], saved["balanced_logits"].astype(np.float64), class_prior(train_counts))

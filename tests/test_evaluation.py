@@ -196,7 +196,7 @@ def test_calibrated_estimators_adapt_the_calibrated_logits():
     rng = np.random.RandomState(0)
     labels = np.repeat(np.arange(3), 50)
     logits = rng.randn(150, 3) + 2.0 * np.eye(3)[labels]
-    holdout = label_shift.Holdout.fit(labels[::3], logits[::3] * 0.5)
+    holdout = label_shift.Holdout.fit(labels[::3], logits[::3] * 0.5, [1 / 3] * 3)
     preds = evaluation.Predictions(labels, logits, logits[:, None, :])
     out = evaluation.evaluate_predictions(preds, [50, 50, 50], 0.0, ["uniform"], ["estimated"],
                                           estimators=["bcts_em"], holdout=holdout, safeguard_level=0)

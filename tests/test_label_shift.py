@@ -34,13 +34,13 @@ def test_em_recovers_a_known_prior_from_calibrated_posteriors():
 def test_underconfident_model_plain_em_hurts_the_uniform_set_and_calibrated_em_does_not():
     rng = np.random.RandomState(1)
     train_prior = np.array([0.7, 0.2, 0.1])
-    holdout_labels = rng.choice(3, size=3000, p=train_prior)  # held out from the (long-tailed) training data
+    holdout_labels = rng.choice(3, size=10000, p=train_prior)  # held out from the (long-tailed) training data
     test_labels = rng.choice(3, size=6000)  # a uniform test set
     # Underconfident (a third of the calibrated logits) and biased towards class 0 by 0.4.
     distort = np.array([0.4, 0.0, 0.0])
     holdout_logits = _gaussian_logits(holdout_labels, rng) / 3 + distort
     test_logits = _gaussian_logits(test_labels, rng) / 3 + distort
-    holdout = label_shift.Holdout.fit(holdout_labels, holdout_logits)
+    holdout = label_shift.Holdout.fit(holdout_labels, holdout_logits, train_prior)
     assert holdout.calibration.temperature == pytest.approx(1 / 3, rel=0.1)
     np.testing.assert_allclose(holdout.calibration.biases, -(distort - distort.mean()) * 3, atol=0.2)
 
@@ -55,16 +55,23 @@ def test_underconfident_model_plain_em_hurts_the_uniform_set_and_calibrated_em_d
 
 def test_calibrated_em_recovers_a_shifted_prior_of_an_underconfident_model():
     rng = np.random.RandomState(2)
-    holdout_labels = rng.choice(3, size=3000, p=[0.7, 0.2, 0.1])
+    holdout_labels = rng.choice(3, size=10000, p=[0.7, 0.2, 0.1])
     true_prior = np.array([0.1, 0.3, 0.6])
     test_labels = rng.choice(3, size=6000, p=true_prior)
-    holdout = label_shift.Holdout.fit(holdout_labels, _gaussian_logits(holdout_labels, rng) / 3)
+    holdout = label_shift.Holdout.fit(holdout_labels, _gaussian_logits(holdout_labels, rng) / 3, [0.7, 0.2, 0.1])
     estimate = label_shift.estimate_prior("bcts_em", _gaussian_logits(test_labels, rng) / 3, UNIFORM, holdout)
     assert np.abs(estimate - true_prior).sum() < 0.05
 
 
-def test_balancing_weights_by_hand():
-    np.testing.assert_allclose(label_shift.balancing_weights([0, 0, 0, 1], [0.5, 0.5]), [2 / 3, 2 / 3, 2 / 3, 2])
+def test_calibration_is_stated_for_balanced_logits():
+    # Calibrated for the source mix: (z + log pi) / T + b - log pi = z / T + b + (1 / T - 1) log pi.
+    log_prior = np.log([0.8, 0.2])
+    source = label_shift.Calibration(0.5, np.array([0.3, -0.3]))
+    balanced = label_shift._balanced_frame(source, log_prior)
+    z = np.array([[1.0, -2.0], [0.5, 0.25]])
+    expected = source.apply(z + log_prior) - log_prior
+    np.testing.assert_allclose(balanced.apply(z) - balanced.apply(z)[:, :1], expected - expected[:, :1])
+    assert balanced.biases.sum() == pytest.approx(0.0)
 
 
 def test_map_em_and_likelihood_ratio_by_hand():
@@ -89,9 +96,8 @@ def test_safeguard_keeps_the_model_prior_without_evidence():
 def test_bbse_with_a_perfect_classifier_counts_its_predictions():
     holdout_labels = np.array([0, 1, 2, 2])
     logits = np.eye(3)[[0, 0, 0, 1, 2, 2, 2, 2]] * 4.0
-    q = label_shift.estimate_prior("bbse", logits, UNIFORM, label_shift.Holdout.fit(holdout_labels,
-                                                                                   np.eye(3)[holdout_labels] * 4.0),
-                                   safeguard_level=0)
+    holdout = label_shift.Holdout.fit(holdout_labels, np.eye(3)[holdout_labels] * 4.0, UNIFORM)
+    q = label_shift.estimate_prior("bbse", logits, UNIFORM, holdout, safeguard_level=0)
     np.testing.assert_allclose(q, [3 / 8, 1 / 8, 4 / 8])
 
 
@@ -113,7 +119,8 @@ def test_holdout_round_trip(tmp_path):
     labels = rng.choice(3, size=300)
     logits = _gaussian_logits(labels, rng)
     assert label_shift.load_holdout(str(tmp_path)) is None
-    saved = label_shift.save_holdout(str(tmp_path), labels, logits)
+    (tmp_path / "config.json").write_text(json.dumps({"data": {"train_counts": [5, 3, 2]}}))
+    saved = label_shift.save_holdout(str(tmp_path), labels, logits, [5, 3, 2])
     loaded = label_shift.load_holdout(str(tmp_path))
     np.testing.assert_array_equal(loaded.labels, labels)
     assert loaded.calibration.temperature == pytest.approx(saved.calibration.temperature, rel=1e-4)

@@ -7,8 +7,8 @@ import numpy as np
 
 import tensorflow as tf
 
-from balpoe_tf.data.augment import (augment_images, AUGMENTATIONS, color_jitter, IMAGE_AUGMENTATIONS, rand_augment_layer,
-                                    random_resized_crop)
+from balpoe_tf.data.augment import (AUGMENTATIONS, IMAGE_AUGMENTATIONS, augment_images, color_jitter,
+                                    rand_augment_layer, random_resized_crop)
 from balpoe_tf.data.dataset import DataError, LabeledData, Split, STREAM_SHUFFLE_BUFFER
 from balpoe_tf.data.images import image_file_ok, test_transform
 
