@@ -131,7 +131,7 @@ def predict(model, dataset: tf.data.Dataset, progress: Optional[Progress] = None
     bad = int((~np.isfinite(preds.expert_logits)).any(axis=(1, 2)).sum())
     if bad:
         raise RunError(f"the model gives non-finite logits for {bad} of {len(preds.labels)} test "
-                                  "images (its weights diverged): no metrics are reported for it")
+                       "images (its weights diverged): no metrics are reported for it")
     return preds
 
 
@@ -321,7 +321,7 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
             if mode in results["uniform"]:
                 m = results["uniform"][mode]
                 cells = [reporting.percent(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
-                                                            "few_accuracy", "ece", "mce", "overconfidence")]
+                                                           "few_accuracy", "ece", "mce", "overconfidence")]
                 lines.append(f"| {run} | {_title(results, mode)} | " + " | ".join(cells)
                              + f" | {m['nll']:.3f} | {m['brier']:.3f} |")
     for run, detail in details.items():

@@ -44,7 +44,8 @@ class PredictConfig:
                                           "unless a likelihood-ratio test finds a shift at this significance "
                                           "level (0: always use the estimate).", between(0, 1, open_high=True))
     save_prior: str = config_field("", "Write the estimated (or given) prior to this JSON file: one probability "
-                                       "per class, the list --prior and TF Serving's predict_with_prior take.")
+                                       "per class, the list --prior and TF Serving's predict_calibrated_with_prior "
+                                       "and predict_with_prior take.")
     output: str = config_field("", "Also write the predictions to this .csv or .json file.",
                                Check(lambda v: not v or v.lower().endswith((".csv", ".json")),
                                      "empty or a file name ending in .csv or .json"))
@@ -109,10 +110,10 @@ def load_classifier(path: str) -> Classifier:
     saved = _saved_model_dir(path)
     if saved is None:
         raise RunError(f"{path} is neither a run folder (config.json) nor a SavedModel "
-                                  "(saved_model.pb, or version folders holding one)")
+                       "(saved_model.pb, or version folders holding one)")
     if not os.path.isfile(os.path.join(saved, METADATA_FILE)):
         raise RunError(f"{saved} lacks {METADATA_FILE} (class names and training prior; exports "
-                                  "before this version do): export it again with tools/export.py --run_dir=RUN")
+                       "before this version do): export it again with tools/export.py --run_dir=RUN")
     with open(os.path.join(saved, METADATA_FILE)) as f:
         meta = json.load(f)
     # predict_with_log_prior with log p = 0 removes the trained prior: the balanced logits.

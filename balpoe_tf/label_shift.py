@@ -50,7 +50,8 @@ class Calibration:
 
     Attributes:
         temperature: > 1 softens an overconfident model, < 1 sharpens an underconfident one.
-        biases: `(C,)` per-class offsets (zeros for plain temperature scaling).
+        biases: `(C,)` per-class offsets (for temperature scaling alone, only those that
+            restating it for balanced logits adds; see `Holdout`).
         holdout_size: images it was fitted on.
         nll_before, nll_after: held-out NLL of the raw and calibrated logits.
     """

@@ -225,7 +225,7 @@ def write_report(entries: Sequence[dict], run_root: str, title: str) -> Dict[str
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(report(entries, title)) + "\n")
     reporting.write_json(paths["json"], {"title": title, "summary": [summary_row(e) for e in entries],
-                                          "runs": list(entries)})
+                                         "runs": list(entries)})
     return paths
 
 

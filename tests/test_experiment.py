@@ -183,7 +183,7 @@ def test_baseline_configs():
 
 def test_format_table():
     table = reporting.format_table({"a": {"accuracy": 0.5, "few_accuracy": float("nan"), "nll": 1.23456}},
-                                    columns=("accuracy", "few_accuracy", "nll"))
+                                   columns=("accuracy", "few_accuracy", "nll"))
     assert table.splitlines() == ["| run | accuracy | few | nll |", "|---|---|---|---|",
                                   "| a | 50.0 | n/a | 1.235 |"]
 
