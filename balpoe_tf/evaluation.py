@@ -74,9 +74,8 @@ def posthoc_adjust(logits, target_prior, train_counts, mean_lambda: float = 0.0)
     if target.shape != (np.shape(logits)[-1],) or np.any(target < 0) or target.sum() <= 0:
         raise ValueError(f"target prior must be {np.shape(logits)[-1]} non-negative values with a "
                          f"positive sum, got shape {target.shape}")
-    target = np.maximum(target / target.sum(), PRIOR_FLOOR)
-    bias = np.log(target) - mean_lambda * np.log(lt_data.class_prior(train_counts))
-    return np.asarray(logits, np.float64) + bias
+    balanced = np.asarray(logits, np.float64) - label_shift.trained_log_prior(train_counts, mean_lambda)
+    return label_shift.adapt(balanced, target / target.sum())
 
 
 def brier_score(labels, probs) -> float:
@@ -188,7 +187,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
     """
     num_classes = preds.logits.shape[1]
     base = label_shift.model_prior(train_counts, mean_lambda)
-    trained_log_prior = mean_lambda * np.log(lt_data.class_prior(train_counts))
+    trained_log_prior = label_shift.trained_log_prior(train_counts, mean_lambda)
     if estimators is None:
         estimators = [label_shift.DEFAULT_ESTIMATOR if holdout is not None else "em"]
     modes = [m for m in prior_modes if m != "estimated"]

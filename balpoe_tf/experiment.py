@@ -221,7 +221,7 @@ def calibrate_on_holdout(model, data: lt_data.LabeledData, config: RunConfig, ba
     for images, y in lt_data.test_pipeline(data, batch_size, split=data.holdout, bad_images=config.bad_images):
         labels.append(y.numpy())
         logits.append(forward(images).numpy())
-    trained_log_prior = float(np.mean(config.lambdas)) * np.log(lt_data.class_prior(data.train_counts()))
+    trained_log_prior = label_shift.trained_log_prior(data.train_counts(), float(np.mean(config.lambdas)))
     return label_shift.save_holdout(config.output_dir, np.concatenate(labels),
                                     np.concatenate(logits).astype(np.float64) - trained_log_prior, data.train_counts())
 

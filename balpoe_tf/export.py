@@ -72,7 +72,7 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
     k = min(top_k, num_classes)
     normalize = lt_data.normalizer(mean, std)
     names = tf.constant([str(n) for n in class_names])
-    trained_log_prior = tf.constant(mean_lambda * np.log(lt_data.class_prior(train_counts)), tf.float32)
+    trained_log_prior = tf.constant(label_shift.trained_log_prior(train_counts, mean_lambda), tf.float32)
 
     def outputs(logits, expert_logits):
         probs = tf.nn.softmax(logits, axis=-1)

@@ -79,7 +79,7 @@ class Classifier:
 
     def trained_log_prior(self) -> np.ndarray:
         """`lambda_bar * log pi_train`: what the model adds to balanced logits by itself."""
-        return self.mean_lambda * np.log(lt_data.class_prior(self.train_counts))
+        return label_shift.trained_log_prior(self.train_counts, self.mean_lambda)
 
 
 def _saved_model_dir(path: str) -> Optional[str]:
@@ -98,7 +98,7 @@ def load_classifier(path: str) -> Classifier:
         data = record["data"]
         shape, normalize = tuple(model.image_shape), lt_data.normalizer(data["mean"], data["std"])
         mean_lambda = float(np.mean(record["config"]["lambdas"]))
-        bias = mean_lambda * np.log(lt_data.class_prior(data["train_counts"]))
+        bias = label_shift.trained_log_prior(data["train_counts"], mean_lambda)
         forward = tf.function(lambda x: model(x, training=False)["logits"], autograph=False)
 
         def balanced(contents):

@@ -37,9 +37,15 @@ def softmax(logits):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def trained_log_prior(train_counts, mean_lambda: float) -> np.ndarray:
+    """`lambda_bar * log pi_train`: what an ensemble with mean lambda adds to balanced
+    logits by itself."""
+    return mean_lambda * np.log(class_prior(train_counts))
+
+
 def model_prior(train_counts, mean_lambda: float) -> np.ndarray:
     """The label prior an ensemble with mean lambda targets: pi^lambda_bar, normalised."""
-    log_p = mean_lambda * np.log(class_prior(train_counts))
+    log_p = trained_log_prior(train_counts, mean_lambda)
     p = np.exp(log_p - log_p.max())
     return p / p.sum()
 
