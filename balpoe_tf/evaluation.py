@@ -189,7 +189,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
     base = label_shift.model_prior(train_counts, mean_lambda)
     trained_log_prior = label_shift.trained_log_prior(train_counts, mean_lambda)
     if estimators is None:
-        estimators = [label_shift.DEFAULT_ESTIMATOR if holdout is not None else "em"]
+        estimators = usable_estimators([label_shift.DEFAULT_ESTIMATOR], holdout is not None)
     modes = [m for m in prior_modes if m != "estimated"]
     if "estimated" in prior_modes:
         modes += [(name, i == 0) for i, name in enumerate(estimators)]
@@ -464,7 +464,8 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
         subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
                                saved_config.data_root)
         holdout = label_shift.load_holdout(run_dir)
-        estimators = _estimators(config, holdout is not None)
+        estimators = usable_estimators([config.prior_estimator] + [e for e in config.compare_estimators.split(",")
+                                                                     if e], holdout is not None)
         if estimators[0] != config.prior_estimator and "estimated" in modes:
             log(f"warning: {name} has no held-out split, so its estimated prior is plain EM (uncalibrated: it "
                 f"over-corrects a miscalibrated model); train with --holdout_fraction=0.1 for "
@@ -481,12 +482,11 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
     return results
 
 
-def _estimators(config: EvalConfig, has_holdout: bool) -> list:
-    """--prior_estimator then --compare_estimators, without those a run lacking a held-out
-    split cannot use (plain EM stands in for the first)."""
-    names = [config.prior_estimator] + [e for e in config.compare_estimators.split(",") if e]
+def usable_estimators(names: Sequence[str], has_holdout: bool) -> list:
+    """`names` without repeats and without those a run lacking a held-out split cannot use;
+    plain EM stands in for the first when it is one of them."""
     usable = [e for e in dict.fromkeys(names) if has_holdout or e not in label_shift.NEEDS_HOLDOUT]
-    return usable if usable and usable[0] == config.prior_estimator else ["em"] + [e for e in usable if e != "em"]
+    return usable if usable and usable[0] == names[0] else ["em"] + [e for e in usable if e != "em"]
 
 
 def _write_diagrams(preds: Predictions, run_dir: str, output_dir: str, name: str):
