@@ -51,12 +51,16 @@ class SGDWithL2(keras.optimizers.Optimizer):
         g = ops.cast(gradient, variable.dtype)
         if self.l2:
             g = g + self.l2 * variable
-        if self.momentum:
-            # Keras's own SGD finds a variable's slot this way; there is no public lookup.
-            buf = self.buffers[self._get_variable_index(variable)]
-            self.assign(buf, self.momentum * buf + g)
-            g = g + self.momentum * buf if self.nesterov else ops.convert_to_tensor(buf)
-        self.assign_sub(variable, lr * g)
+        if not self.momentum:
+            self.assign_sub(variable, lr * g)
+            return
+        # Keras's own SGD finds a variable's slot this way; there is no public lookup.
+        buf = self.buffers[self._get_variable_index(variable)]
+        # TensorFlow's momentum kernel is the update above (Nesterov: w -= lr * g + lr * m * buf) in one
+        # op instead of seven per variable; the 3-expert ResNet-32 trains 1.4 % faster (docs/results.md).
+        tf.raw_ops.ResourceApplyMomentum(var=variable.handle, accum=buf.handle, lr=lr, grad=g,
+                                         momentum=ops.cast(self.momentum, variable.dtype),
+                                         use_nesterov=self.nesterov)
 
     def get_config(self):
         return {**super().get_config(), "momentum": self.momentum,

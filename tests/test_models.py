@@ -21,6 +21,73 @@ def test_pad_shortcut_subsamples_and_pads_channels():
     np.testing.assert_array_equal(y[..., [0, 3]], 0)
 
 
+@pytest.mark.parametrize("shape,stride", [((2, 8, 6, 3), 2), ((1, 9, 9, 2), 2), ((2, 6, 6, 4), 3)])
+def test_subsample_is_the_strided_slice_with_its_gradient(shape, stride):
+    x = tf.constant(np.random.RandomState(0).randn(*shape).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, expected = models.subsample(x, stride), x[:, ::stride, ::stride, :]
+        weights = tf.random.stateless_normal(expected.shape, (1, 2))
+        losses_ = [tf.reduce_sum(y * weights) for y in (ours, expected)]
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(tape.gradient(losses_[0], x), tape.gradient(losses_[1], x))
+
+
+def _convolution_and_batch_norm(stride, groups):
+    rng = np.random.RandomState(1)
+    convolution = models.conv_layers(4, 3, stride, groups)
+    bn = models.batch_norm()
+    shape = (2, 6, 6, 4)
+    for layer in convolution:
+        layer.build(shape)
+        shape = layer.compute_output_shape(shape)
+    bn.build(shape)
+    bn.gamma.assign(rng.uniform(0.5, 2.0, 4))
+    bn.beta.assign(rng.randn(4))
+    bn.moving_mean.assign(rng.randn(4))
+    bn.moving_variance.assign(rng.uniform(0.2, 3.0, 4))
+    return convolution, bn, rng.randn(2, 6, 6, 4).astype(np.float32)
+
+
+def _unfolded(convolution, bn, x, training):
+    for layer in convolution:
+        x = layer(x)
+    return bn(x, training=training)
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (2, 2)])
+def test_conv_batch_norm_is_folded_at_inference_only(stride, groups):
+    convolution, bn, x = _convolution_and_batch_norm(stride, groups)
+    # Inference: the folded convolution (kernel * s, bias beta - mean * s) gives bn(conv(x)).
+    np.testing.assert_allclose(models.conv_batch_norm(convolution, bn, x, training=False),
+                               _unfolded(convolution, bn, x, False), rtol=1e-5, atol=1e-5)
+    # Training: unchanged, batch statistics and the moving-statistics update included.
+    expected = _unfolded(convolution, bn, x, True)
+    moved = bn.moving_mean.numpy()
+    np.testing.assert_array_equal(models.conv_batch_norm(convolution, bn, x, training=True), expected)
+    assert not np.allclose(bn.moving_mean.numpy(), moved)
+
+
+def test_synchronised_batch_norm_is_not_folded():
+    convolution, bn, x = _convolution_and_batch_norm(1, 1)
+    bn.synchronized = True  # takes Keras's own path; folding would bypass the synchronisation
+    np.testing.assert_array_equal(models.conv_batch_norm(convolution, bn, x, training=False),
+                                  _unfolded(convolution, bn, x, False))
+
+
+@pytest.mark.parametrize("backbone,size", [("resnet8", 16), ("resnext50", 32)])
+def test_model_inference_equals_the_unfolded_network(backbone, size, monkeypatch):
+    model = models.BalPoEModel(5, 2, backbone, input_shape=(size, size, 3))
+    rng = np.random.RandomState(2)
+    for v in model.non_trainable_variables:
+        v.assign(rng.uniform(0.5, 1.5, v.shape) if "variance" in v.path else rng.uniform(-0.2, 0.2, v.shape))
+    x = rng.rand(3, size, size, 3).astype(np.float32)
+    folded = model(x, training=False)["expert_logits"]
+    for module in ("cifar_resnet", "imagenet_resnet"):
+        monkeypatch.setattr(sys.modules[f"balpoe_tf.models.{module}"], "conv_batch_norm", _unfolded)
+    np.testing.assert_allclose(folded, model(x, training=False)["expert_logits"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("stride,filters,out", [(1, 8, (2, 8, 8, 8)), (2, 16, (2, 4, 4, 16))])
 def test_basic_block_shapes(stride, filters, out):
     block = models.BasicBlock(filters, stride)

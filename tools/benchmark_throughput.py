@@ -1,7 +1,9 @@
-"""Training and inference throughput on this machine's CPU, for each setting of oneDNN
-and XLA.
+"""Training and inference throughput on this machine's CPU: for each setting of oneDNN and
+XLA, or paired with the official PyTorch code.
 
     python tools/benchmark_throughput.py [--models=resnet32x3,resnet32x1,resnet50x3] [--runs=5]
+    python tools/benchmark_throughput.py --reference=CHECKOUT --reference_python=TORCH_PYTHON \
+        [--models=resnet32x3,resnet32x1] [--pairs=5] [--steps=5]
 
 Each (model, oneDNN, XLA) setting runs in its own process (TensorFlow reads
 TF_ENABLE_ONEDNN_OPTS once, at import): after a warm-up, `--runs` timed runs of
@@ -9,6 +11,16 @@ TF_ENABLE_ONEDNN_OPTS once, at import): after a warm-up, `--runs` timed runs of
 ends within one `fit`) and of `--steps` predictions; the median is reported, with
 peak resident memory and, for the CIFAR models, the input pipeline alone
 (augmentation included). Writes JSON and a Markdown table next to it.
+
+With `--reference` (a checkout of emasa/BalPoE-CalibratedLT, run by a Python that has
+PyTorch; PyTorch is not a dependency of balpoe_tf), this implementation and the official
+code run side by side: one long-lived worker process each
+(`benchmarks/official/throughput_official.py` on the official side), both warmed up, then
+`--pairs` pairs in alternating order (ours first in even pairs, the official code first in
+odd ones) of `--steps` training steps and `--steps` predictions each, and the exported
+SavedModel's `predict_tensor` signature next to ours. Reported: each pair's ratio, their
+median and range, for training and prediction; and the SavedModel's ratio to the Keras
+model. Machine speed drifts; ratios of neighbouring measurements are what hold.
 """
 
 import json
@@ -37,7 +49,16 @@ flags.DEFINE_integer("runs", 5, "Timed runs; the median is reported.")
 flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 flags.DEFINE_string("output", "benchmarks/throughput.json", "Where the JSON goes (and .md beside it).")
 flags.DEFINE_string("worker", "", "Internal: measure one 'model,xla' setting in this process.")
+flags.DEFINE_bool("interactive", False, "Internal: the worker answers train/predict/serve requests on stdin.")
+flags.DEFINE_string("reference", "", "Checkout of the official code: measure it and ours in pairs.")
+flags.DEFINE_string("reference_python", "python", "Python interpreter with PyTorch, for --reference.")
+flags.DEFINE_integer("pairs", 5, "Alternating pairs with --reference.")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                  "Keras precision policy of our side with --reference (the official code runs float32).")
 FLAGS = flags.FLAGS
+
+OFFICIAL_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "benchmarks", "official", "throughput_official.py")
 
 
 def _median_rate(fn, images_per_call, runs):
@@ -64,12 +85,11 @@ def _median_train_rate(model, ds, batch, runs, steps):
     return statistics.median(steps * batch / (ends[(r + 1) * steps] - ends[r * steps]) for r in range(runs))
 
 
-def measure(name, xla, runs, steps):
+def _build(name, xla):
+    """The model of `name`, compiled as training compiles it, and one random batch."""
     import balpoe_tf  # noqa: F401  (after the parent set TF_ENABLE_ONEDNN_OPTS)
     import numpy as np
-    import tensorflow as tf
 
-    from balpoe_tf import data as lt_data
     from balpoe_tf import losses, models, training
 
     backbone, experts, batch, size, classes = MODELS[name]
@@ -78,18 +98,34 @@ def measure(name, xla, runs, steps):
     lambdas = list(np.linspace(1, -1, experts)) if experts > 1 else [0.0]
     model.compile(training.SGDWithL2(0.1), losses.LogitAdjustedLoss(np.arange(classes, 0, -1), lambdas),
                   mixup_alpha=0.4, jit_compile=bool(xla))
-    x = rng.rand(batch, size, size, 3).astype("float32")
-    y = rng.randint(0, classes, batch)
+    return model, rng.rand(batch, size, size, 3).astype("float32"), rng.randint(0, classes, batch)
+
+
+def _forward(model, xla):
+    import tensorflow as tf
+
+    return tf.function(lambda images: model(images, training=False)["logits"], jit_compile=bool(xla),
+                       autograph=False)
+
+
+def measure(name, xla, runs, steps):
+    import numpy as np
+    import tensorflow as tf
+
+    from balpoe_tf import data as lt_data
+
+    model, x, y = _build(name, xla)
+    backbone, experts, batch, size, classes = MODELS[name]
     ds = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     result = {"model": name, "backbone": backbone, "experts": experts, "batch": batch,
               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": bool(xla)}
     result["train_images_per_s"] = _median_train_rate(model, ds, batch, runs, steps)
-    forward = tf.function(lambda images: model(images, training=False)["logits"], jit_compile=bool(xla),
-                          autograph=False)
+    forward = _forward(model, xla)
     images = tf.constant(x)
     result["predict_images_per_s"] = _median_rate(
         lambda: [forward(images).numpy() for _ in range(steps)], steps * batch, runs)
     if size == 32:
+        rng = np.random.RandomState(0)
         labels = rng.randint(0, classes, 50000)
         data = lt_data.from_arrays("generated", rng.randint(0, 256, (50000, 32, 32, 3), dtype=np.uint8),
                                    labels, np.zeros((1, 32, 32, 3), np.uint8), labels[:1],
@@ -99,6 +135,169 @@ def measure(name, xla, runs, steps):
             lambda: [next(iterator) for _ in range(20)], 20 * batch, runs)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return result
+
+
+def multiply_adds(function, *specs):
+    """Multiply-adds of one call of a `tf.function`, as TensorFlow's profiler counts its graph's
+    floating-point operations (convolutions and their gradients, matrix products; the few
+    elementwise ops count as half a multiply-add each)."""
+    import tensorflow as tf
+
+    graph = function.get_concrete_function(*specs).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops / 2
+
+
+def matmul_peak(size=2048, runs=5):
+    """Multiply-adds per second of a large float32 matrix product: the practical peak of this
+    CPU for TensorFlow (median of `runs`)."""
+    import tensorflow as tf
+
+    a, b = tf.random.normal([size, size]), tf.random.normal([size, size])
+    product = tf.function(tf.matmul)
+    return _median_rate(lambda: product(a, b).numpy(), size ** 3, runs)
+
+
+def serve_requests(name, xla, steps, precision="float32"):
+    """Worker of the paired benchmark: answers `train`, `predict` and `serve` lines on stdin
+    with the images/s of `steps` training steps (the train function `fit` runs), `steps`
+    forward passes of the Keras model, or `steps` calls of the exported SavedModel's
+    `predict_tensor` signature; `peak` with `matmul_peak`. Its `ready` line gives the
+    multiply-adds per image of a training step and of a prediction."""
+    import tempfile
+
+    import tensorflow as tf
+
+    import keras
+
+    from balpoe_tf import export
+
+    keras.mixed_precision.set_global_policy(precision)
+    model, x, y = _build(name, xla)
+    batch, classes = MODELS[name][2], MODELS[name][4]
+    model.make_train_function()
+    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    forward = _forward(model, xla)
+    images = tf.constant(x)
+    path = export.export_saved_model(model, tempfile.mkdtemp(), [0.0] * 3, [1.0] * 3, range(classes),
+                                     [1] * classes, 0.0)
+    signature = tf.saved_model.load(path).signatures["predict_tensor"]
+
+    def train():
+        for _ in range(steps):
+            logs = model.train_function(iterator)
+        float(logs["loss"])
+
+    jobs = {"train": train,
+            "predict": lambda: [forward(images).numpy() for _ in range(steps)],
+            "serve": lambda: [signature(images=images)["logits"].numpy() for _ in range(steps)]}
+    for job in jobs.values():  # warm-up: tracing and first executions
+        job()
+    image_spec, label_spec = tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec(y.shape, tf.int32)
+    facts = {"version": f"tensorflow {tf.__version__}",
+             "train_macs_per_image": multiply_adds(tf.function(lambda i, l: model.train_step((i, l))),
+                                                   image_spec, label_spec) / batch,
+             "predict_macs_per_image": multiply_adds(forward, image_spec) / batch}
+    print("ready " + json.dumps(facts), flush=True)
+    for line in sys.stdin:
+        job = line.strip()
+        if job == "quit":
+            break
+        if job == "peak":
+            print(f"peak {matmul_peak()}", flush=True)
+            continue
+        start = time.perf_counter()
+        jobs[job]()
+        print(f"{job} {steps * batch / (time.perf_counter() - start)}", flush=True)
+
+
+class _Worker:
+    """A long-lived measuring process spoken to line by line."""
+
+    def __init__(self, command, env=None):
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.ready = self._read("ready")
+
+    def _read(self, prefix):
+        for line in self.process.stdout:
+            if line.startswith(prefix + " ") or line.strip() == prefix:
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"{self.process.args[:2]} ended before answering {prefix!r} "
+                           f"(exit code {self.process.wait()}); its error output is above")
+
+    def ask(self, job):
+        self.process.stdin.write(job + "\n")
+        self.process.stdin.flush()
+        return float(self._read(job))
+
+    def close(self):
+        self.process.stdin.write("quit\n")
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def _ratio_summary(ratios):
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "pairs": [round(r, 4) for r in ratios]}
+
+
+def paired(name, reference, reference_python, pairs, steps, precision="float32"):
+    """Ours and the official code in alternating pairs (module docstring); returns a JSON row."""
+    if MODELS[name][0] != "resnet32":
+        raise ValueError(f"--reference compares the ResNet-32 models only, not {name!r}")
+    experts, batch, classes = MODELS[name][1], MODELS[name][2], MODELS[name][4]
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    ours = _Worker([sys.executable, __file__, f"--worker={name},0", "--interactive", f"--steps={steps}",
+                    f"--precision={precision}"], env)
+    official = _Worker([reference_python, OFFICIAL_WORKER, f"--official={reference}", f"--experts={experts}",
+                        f"--batch={batch}", f"--classes={classes}", f"--steps={steps}"])
+    rates = {"ours_train": [], "official_train": [], "ours_predict": [], "official_predict": [], "ours_serve": []}
+    peaks = []
+    for i in range(pairs):
+        order = [("ours", ours), ("official", official)]
+        for job in ("train", "predict"):
+            for side, worker in order if i % 2 == 0 else order[::-1]:
+                rates[f"{side}_{job}"].append(worker.ask(job))
+        rates["ours_serve"].append(ours.ask("serve"))
+        peaks.append(ours.ask("peak"))
+    ours.close()
+    official.close()
+    ratio = lambda a, b: _ratio_summary([p / q for p, q in zip(rates[a], rates[b])])  # noqa: E731
+    facts = json.loads(ours.ready)
+    # Both sides compute the same model, so the official code's rate uses our count too.
+    macs = {side: statistics.median(rates[f"{side}_train"]) * facts["train_macs_per_image"]
+            for side in ("ours", "official")}
+    return {"model": name, "experts": experts, "batch": batch, "steps": steps, "precision": precision,
+            "ours": facts["version"],
+            "official": official.ready, "images_per_s": rates,
+            "train_macs_per_image": facts["train_macs_per_image"],
+            "predict_macs_per_image": facts["predict_macs_per_image"],
+            "matmul_peak_macs_per_s": statistics.median(peaks),
+            "train_macs_per_s": macs,
+            "train_ratio": ratio("ours_train", "official_train"),
+            "predict_ratio": ratio("ours_predict", "official_predict"),
+            "serve_to_keras_ratio": ratio("ours_serve", "ours_predict")}
+
+
+def paired_markdown(rows):
+    span = lambda r: f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"  # noqa: E731
+    med = lambda values: f"{statistics.median(values):.0f}"  # noqa: E731
+    lines = ["| model | pairs | train img/s ours / official | train ratio (range) | "
+             "predict img/s ours / official | predict ratio (range) | SavedModel / Keras (range) | "
+             "training GMAC/s ours / official (% of matmul peak) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v = r["images_per_s"]
+        model = r["model"] if r.get("precision", "float32") == "float32" else f"{r['model']}, {r['precision']}"
+        lines.append(f"| {model} | {len(v['ours_train'])} | {med(v['ours_train'])} / {med(v['official_train'])} "
+                     f"| {span(r['train_ratio'])} | {med(v['ours_predict'])} / {med(v['official_predict'])} | "
+                     f"{span(r['predict_ratio'])} | {span(r['serve_to_keras_ratio'])} | "
+                     + " / ".join(f"{r['train_macs_per_s'][side] / 1e9:.0f} "
+                                  f"({100 * r['train_macs_per_s'][side] / r['matmul_peak_macs_per_s']:.0f} %)"
+                                  for side in ("ours", "official")) + " |")
+    peak = statistics.median(r["matmul_peak_macs_per_s"] for r in rows)
+    return "\n".join(lines) + f"\n\nfloat32 matmul peak (2048 x 2048, TensorFlow): {peak / 1e9:.0f} GMAC/s\n"
 
 
 def markdown(rows):
@@ -115,16 +314,45 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+def _write(rows, table):
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    with open(FLAGS.output, "w") as f:
+        json.dump({"cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": rows}, f, indent=1)
+    table_path = os.path.splitext(FLAGS.output)[0] + ".md"
+    with open(table_path, "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {FLAGS.output} and {table_path}")
+
+
 def main(argv):
     del argv
-    if FLAGS.worker:
-        name, xla = FLAGS.worker.split(",")
-        print("RESULT " + json.dumps(measure(name, int(xla), FLAGS.runs, FLAGS.steps)))
-        return
-    rows = []
     for name in FLAGS.models:
         if name not in MODELS:
             sys.exit(f"error: unknown model {name!r}; choose from {list(MODELS)}")
+    if FLAGS.worker:
+        name, xla = FLAGS.worker.split(",")
+        if FLAGS.interactive:
+            serve_requests(name, int(xla), FLAGS.steps, FLAGS.precision)
+        else:
+            print("RESULT " + json.dumps(measure(name, int(xla), FLAGS.runs, FLAGS.steps)))
+        return
+    if FLAGS.reference:
+        if not os.path.isfile(os.path.join(FLAGS.reference, "model", "model.py")):
+            sys.exit(f"error: --reference={FLAGS.reference}: not a checkout of emasa/BalPoE-CalibratedLT "
+                     "(no model/model.py); clone it and pass its folder")
+        if not FLAGS["output"].present:
+            FLAGS.output = "benchmarks/throughput_paired.json"
+        rows = []
+        names = FLAGS.models if FLAGS["models"].present else [n for n in MODELS if MODELS[n][0] == "resnet32"]
+        for name in names:
+            rows.append(paired(name, FLAGS.reference, FLAGS.reference_python, FLAGS.pairs, FLAGS.steps,
+                               FLAGS.precision))
+            print(json.dumps(rows[-1]), flush=True)
+        _write(rows, paired_markdown(rows))
+        return
+    rows = []
+    for name in FLAGS.models:
         for onednn in FLAGS.onednn:
             for xla in FLAGS.xla:
                 env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3")
@@ -136,14 +364,7 @@ def main(argv):
                     "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "results": rows}, f, indent=1)
-    table_path = os.path.splitext(FLAGS.output)[0] + ".md"
-    with open(table_path, "w") as f:
-        f.write(markdown(rows))
-    print(markdown(rows))
-    print(f"wrote {FLAGS.output} and {table_path}")
+    _write(rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -2,21 +2,23 @@
 Keras model that trains them with mixup and logit-adjusted losses. Modules, each importing
 only those above it:
 
-- `layers`: fused batch norm, the cosine classifier, the option-A shortcut, the block
-  stack, PyTorch-matching initialisers and convolutions;
+- `layers`: fused batch norm (folded into the convolution at inference), the cosine
+  classifier, the option-A shortcut, the block stack, PyTorch-matching initialisers and
+  convolutions;
 - `cifar_resnet`, `imagenet_resnet`: the two backbone families (trunk and expert layers);
 - `balpoe`: the backbone registry, `BalPoEModel` and its `train_step`.
 """
 
-from balpoe_tf.models.layers import (batch_norm, BlockStack, conv_layers, CosineClassifier, FusedBatchNormalization,
-                                     kaiming_normal, PadShortcut, strided_shape, UnitColumnUniform)
+from balpoe_tf.models.layers import (batch_norm, BlockStack, conv_batch_norm, conv_layers, CosineClassifier,
+                                     FusedBatchNormalization, kaiming_normal, PadShortcut, strided_shape, subsample,
+                                     UnitColumnUniform)
 from balpoe_tf.models.cifar_resnet import (BasicBlock, cifar_resnet, CifarResNetExpert, CifarResNetTrunk, conv3x3,
                                            ResNetStage)
 from balpoe_tf.models.imagenet_resnet import (Bottleneck, BottleneckStage, imagenet_resnet, ImageNetResNetExpert,
                                               ImageNetResNetTrunk)
 from balpoe_tf.models.balpoe import BACKBONES, BalPoEModel, count_params
 
-__all__ = ["batch_norm", "BlockStack", "conv_layers", "CosineClassifier", "FusedBatchNormalization", "kaiming_normal",
-           "PadShortcut", "strided_shape", "UnitColumnUniform", "BasicBlock", "cifar_resnet", "CifarResNetExpert",
+__all__ = ["batch_norm", "BlockStack", "conv_batch_norm", "conv_layers", "CosineClassifier", "FusedBatchNormalization",
+           "kaiming_normal", "PadShortcut", "strided_shape", "subsample", "UnitColumnUniform", "BasicBlock", "cifar_resnet", "CifarResNetExpert",
            "CifarResNetTrunk", "conv3x3", "ResNetStage", "Bottleneck", "BottleneckStage", "imagenet_resnet",
            "ImageNetResNetExpert", "ImageNetResNetTrunk", "BACKBONES", "BalPoEModel", "count_params"]

@@ -4,7 +4,8 @@ per member (its last stages)."""
 import keras
 from keras import layers, ops
 
-from balpoe_tf.models.layers import BlockStack, batch_norm, conv_layers, CosineClassifier, PadShortcut, strided_shape
+from balpoe_tf.models.layers import (BlockStack, CosineClassifier, PadShortcut, batch_norm, conv_batch_norm,
+                                     conv_layers, strided_shape)
 
 
 def conv3x3(filters, stride):
@@ -44,13 +45,8 @@ class BasicBlock(layers.Layer):
         self.bn2.build(shape)
 
     def call(self, x, training=None):
-        y = x
-        for layer in self.conv1:
-            y = layer(y)
-        y = ops.relu(self.bn1(y, training=training))
-        for layer in self.conv2:
-            y = layer(y)
-        y = self.bn2(y, training=training)
+        y = ops.relu(conv_batch_norm(self.conv1, self.bn1, x, training))
+        y = conv_batch_norm(self.conv2, self.bn2, y, training)
         return ops.relu(y + (self.shortcut(x) if self.shortcut is not None else x))
 
     def compute_output_shape(self, input_shape):
@@ -104,7 +100,7 @@ class CifarResNetTrunk(layers.Layer):
         self.stage1.build(shape)
 
     def call(self, x, training=None):
-        x = ops.relu(self.stem_bn(self.stem(x), training=training))
+        x = ops.relu(conv_batch_norm([self.stem], self.stem_bn, x, training))
         return self.stage1(x, training=training)
 
     def compute_output_shape(self, input_shape):

@@ -4,7 +4,8 @@ per-expert last stages (parameter counts equal torchvision's)."""
 import keras
 from keras import layers, ops
 
-from balpoe_tf.models.layers import BlockStack, batch_norm, conv_layers, CosineClassifier, strided_shape
+from balpoe_tf.models.layers import (BlockStack, CosineClassifier, batch_norm, conv_batch_norm, conv_layers,
+                                     strided_shape)
 
 
 def _build_chain(chain, input_shape):
@@ -15,8 +16,18 @@ def _build_chain(chain, input_shape):
 
 
 def _run_chain(chain, x, training):
+    pending = []  # padding and convolution layers, run together with the batch norm that follows them
     for layer in chain:
-        x = layer(x, training=training) if isinstance(layer, layers.BatchNormalization) else layer(x)
+        if isinstance(layer, layers.BatchNormalization) and pending and isinstance(pending[-1], layers.Conv2D):
+            x, pending = conv_batch_norm(pending, layer, x, training), []
+        elif isinstance(layer, (layers.ZeroPadding2D, layers.Conv2D)):
+            pending.append(layer)
+        else:
+            for p in pending:
+                x = p(x)
+            x, pending = layer(x, training=training) if isinstance(layer, layers.BatchNormalization) else layer(x), []
+    for p in pending:
+        x = p(x)
     return x
 
 

@@ -42,6 +42,38 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return ops.cast(outputs, self.compute_dtype)
 
 
+def conv_batch_norm(convolution, bn, x, training=None):
+    """`bn(convolution(x))`, with `convolution` the layers of `conv_layers`.
+
+    At inference the batch norm is folded into the convolution (kernel * s, bias
+    beta - mean * s, s = gamma / sqrt(var + eps)), which TensorFlow's graph optimiser
+    then fuses with a following residual addition and ReLU into one kernel: the 3-expert
+    ResNet-32 predicts about 7 % faster, its exported SavedModel too (docs/results.md).
+    Training, and batch norms this cannot fold (synchronised, not fused), are unchanged.
+
+    Args:
+        convolution: `[ZeroPadding2D, Conv2D]` or `[Conv2D]`, the Conv2D without bias.
+        bn: the batch norm that follows it.
+        x: NHWC input.
+        training: batch statistics (no folding) when true.
+
+    Returns:
+        The batch norm's output.
+    """
+    conv = convolution[-1]
+    if training or conv.use_bias or not isinstance(bn, FusedBatchNormalization) or bn.synchronized:
+        for layer in convolution:
+            x = layer(x)
+        return bn(x, training=training)
+    for layer in convolution[:-1]:
+        x = layer(x)
+    scale = bn.gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
+    kernel = ops.cast(conv.kernel * scale, x.dtype)
+    bias = ops.cast(bn.beta - bn.moving_mean * scale, x.dtype)
+    y = tf.nn.conv2d(x, kernel, strides=conv.strides, padding=conv.padding.upper(), dilations=conv.dilation_rate)
+    return tf.nn.bias_add(y, bias)
+
+
 def batch_norm():
     # PyTorch BatchNorm2d defaults: momentum 0.1 (Keras 0.9), eps 1e-5.
     return FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
@@ -103,6 +135,21 @@ def strided_shape(input_shape, stride, filters):
     return (b, size(h), size(w), filters)
 
 
+def subsample(x, stride):
+    """`x[:, ::stride, ::stride, :]` of an NHWC tensor.
+
+    When the height and width are multiples of the stride, it is a reshape and a slice: the
+    gradient of a strided slice runs 4-5x slower here than that of a slice (a pad); the
+    3-expert ResNet-32 trains 1.5 % faster (docs/results.md).
+    """
+    _, h, w, c = x.shape
+    if h is None or w is None or h % stride or w % stride:
+        return x[:, ::stride, ::stride, :]
+    blocks = ops.reshape(x, (-1, h // stride, stride, w // stride, stride * c))
+    first = ops.slice(blocks, (0, 0, 0, 0, 0), (ops.shape(x)[0], h // stride, 1, w // stride, c))
+    return ops.reshape(first, (-1, h // stride, w // stride, c))
+
+
 @keras.saving.register_keras_serializable("balpoe_tf")
 class PadShortcut(layers.Layer):
     """Option-A (parameter-free) shortcut: take every `stride`-th pixel, then zero-pad
@@ -115,7 +162,7 @@ class PadShortcut(layers.Layer):
 
     def call(self, x):
         if self.stride > 1:
-            x = x[:, ::self.stride, ::self.stride, :]
+            x = subsample(x, self.stride)
         extra = self.filters - x.shape[-1]
         return ops.pad(x, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
 
