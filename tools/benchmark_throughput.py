@@ -180,9 +180,9 @@ def serve_requests(name, xla, steps, precision="float32"):
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
     forward = _forward(model, xla)
     images = tf.constant(x)
-    path = export.export_saved_model(model, tempfile.mkdtemp(), [0.0] * 3, [1.0] * 3, range(classes),
-                                     [1] * classes, 0.0)
-    signature = tf.saved_model.load(path).signatures["predict_tensor"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = export.export_saved_model(model, folder, [0.0] * 3, [1.0] * 3, range(classes), [1] * classes, 0.0)
+        signature = tf.saved_model.load(path).signatures["predict_tensor"]
 
     def train():
         for _ in range(steps):

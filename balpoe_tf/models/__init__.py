@@ -19,6 +19,7 @@ from balpoe_tf.models.imagenet_resnet import (Bottleneck, BottleneckStage, image
 from balpoe_tf.models.balpoe import BACKBONES, BalPoEModel, count_params
 
 __all__ = ["batch_norm", "BlockStack", "conv_batch_norm", "conv_layers", "CosineClassifier", "FusedBatchNormalization",
-           "kaiming_normal", "PadShortcut", "strided_shape", "subsample", "UnitColumnUniform", "BasicBlock", "cifar_resnet", "CifarResNetExpert",
-           "CifarResNetTrunk", "conv3x3", "ResNetStage", "Bottleneck", "BottleneckStage", "imagenet_resnet",
-           "ImageNetResNetExpert", "ImageNetResNetTrunk", "BACKBONES", "BalPoEModel", "count_params"]
+           "kaiming_normal", "PadShortcut", "strided_shape", "subsample", "UnitColumnUniform", "BasicBlock",
+           "cifar_resnet", "CifarResNetExpert", "CifarResNetTrunk", "conv3x3", "ResNetStage", "Bottleneck",
+           "BottleneckStage", "imagenet_resnet", "ImageNetResNetExpert", "ImageNetResNetTrunk", "BACKBONES",
+           "BalPoEModel", "count_params"]

@@ -25,7 +25,8 @@ def _run_chain(chain, x, training):
         else:
             for p in pending:
                 x = p(x)
-            x, pending = layer(x, training=training) if isinstance(layer, layers.BatchNormalization) else layer(x), []
+            pending = []
+            x = layer(x, training=training) if isinstance(layer, layers.BatchNormalization) else layer(x)
     for p in pending:
         x = p(x)
     return x

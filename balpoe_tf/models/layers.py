@@ -48,7 +48,7 @@ def conv_batch_norm(convolution, bn, x, training=None):
     At inference the batch norm is folded into the convolution (kernel * s, bias
     beta - mean * s, s = gamma / sqrt(var + eps)), which TensorFlow's graph optimiser
     then fuses with a following residual addition and ReLU into one kernel: the 3-expert
-    ResNet-32 predicts about 7 % faster, its exported SavedModel too (docs/results.md).
+    ResNet-32 predicts about 4 % faster, its exported SavedModel too (docs/results.md).
     Training, and batch norms this cannot fold (synchronised, not fused), are unchanged.
 
     Args:
