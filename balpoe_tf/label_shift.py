@@ -278,6 +278,8 @@ def estimate_prior(method: str, balanced_logits, base_prior, holdout: Optional[H
 
 HOLDOUT_FILE = "holdout_predictions.npz"
 CALIBRATION_FILE = "calibration.json"
+# How the recorded calibrations were fitted (Holdout.fit); a record without it is refitted.
+CALIBRATION_FIT = "training-mix logits, restated for balanced logits"
 
 
 def save_holdout(run_dir: str, labels, balanced_logits, train_counts) -> Holdout:
@@ -288,18 +290,30 @@ def save_holdout(run_dir: str, labels, balanced_logits, train_counts) -> Holdout
     np.savez(os.path.join(run_dir, HOLDOUT_FILE), labels=np.asarray(labels),
              balanced_logits=np.asarray(balanced_logits, np.float32))
     with open(os.path.join(run_dir, CALIBRATION_FILE), "w") as f:
-        json.dump({"bcts": holdout.calibration.to_dict(), "temperature_scaling": holdout.temperature_only.to_dict()},
-                  f, indent=1)
+        json.dump({"fit": CALIBRATION_FIT, "bcts": holdout.calibration.to_dict(),
+                   "temperature_scaling": holdout.temperature_only.to_dict()}, f, indent=1)
     return holdout
 
 
 def load_holdout(run_dir: str) -> Optional[Holdout]:
-    """The held-out predictions of a run trained with --holdout_fraction (None without),
-    calibrated with the training counts of its config.json."""
+    """The held-out predictions of a run trained with --holdout_fraction (None without), with
+    the calibrations recorded in its calibration.json; refitted (with the training counts of
+    its config.json) only when that record is missing or was fitted another way (an earlier
+    version re-weighted the held-out images), since fitting on an iNaturalist-sized split
+    takes a while."""
     path = os.path.join(run_dir, HOLDOUT_FILE)
     if not os.path.isfile(path):
         return None
+    with np.load(path) as saved:
+        labels, balanced_logits = saved["labels"], saved["balanced_logits"].astype(np.float64)
+    record_path = os.path.join(run_dir, CALIBRATION_FILE)
+    record = {}
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+    if record.get("fit") == CALIBRATION_FIT:
+        return Holdout(labels, balanced_logits, Calibration.from_dict(record["bcts"]),
+                       Calibration.from_dict(record["temperature_scaling"]))
     with open(os.path.join(run_dir, "config.json")) as f:
         train_counts = json.load(f)["data"]["train_counts"]
-    with np.load(path) as saved:
-        return Holdout.fit(saved["labels"], saved["balanced_logits"].astype(np.float64), class_prior(train_counts))
+    return Holdout.fit(labels, balanced_logits, class_prior(train_counts))

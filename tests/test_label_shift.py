@@ -123,11 +123,22 @@ def test_holdout_round_trip(tmp_path):
     saved = label_shift.save_holdout(str(tmp_path), labels, logits, [5, 3, 2])
     loaded = label_shift.load_holdout(str(tmp_path))
     np.testing.assert_array_equal(loaded.labels, labels)
-    assert loaded.calibration.temperature == pytest.approx(saved.calibration.temperature, rel=1e-4)
     record = json.loads((tmp_path / label_shift.CALIBRATION_FILE).read_text())
     assert record["bcts"]["nll_after"] <= record["bcts"]["nll_before"]
-    restored = label_shift.Calibration.from_dict(record["bcts"])
-    np.testing.assert_allclose(restored.apply(logits), saved.calibration.apply(logits))
+    # The recorded calibrations are read back exactly, not refitted.
+    for ours, theirs in ((loaded.calibration, saved.calibration), (loaded.temperature_only, saved.temperature_only)):
+        assert ours.temperature == theirs.temperature
+        np.testing.assert_array_equal(ours.biases, theirs.biases)
+    # A record of another fitting method (an earlier version's, without "fit"), or none, is refitted.
+    stale = {**record, "bcts": {**record["bcts"], "temperature": 9.0}}
+    del stale["fit"]
+    (tmp_path / label_shift.CALIBRATION_FILE).write_text(json.dumps(stale))
+    for record_left in (True, False):
+        assert (tmp_path / label_shift.CALIBRATION_FILE).exists() == record_left
+        refitted = label_shift.load_holdout(str(tmp_path))
+        assert refitted.calibration.temperature == pytest.approx(saved.calibration.temperature, rel=1e-4)
+        np.testing.assert_allclose(refitted.calibration.apply(logits), saved.calibration.apply(logits), atol=1e-4)
+        (tmp_path / label_shift.CALIBRATION_FILE).unlink(missing_ok=True)
 
 
 def test_adapt_by_hand():
