@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import label_shift, reporting, run_config, run_folder
+from balpoe_tf import label_shift, models, reporting, run_config, run_folder
 from balpoe_tf import metrics as lt_metrics
 from balpoe_tf.config import at_least, between, Check, config_field, one_of, RunError, validate
 from balpoe_tf.progress import Progress
@@ -117,16 +117,7 @@ class Predictions:
 def predict(model, dataset: tf.data.Dataset, progress: Optional[Progress] = None) -> Predictions:
     """Labels, ensemble and expert logits of every batch of `dataset` (a `Progress` is told
     of each batch)."""
-    labels, logits, experts = [], [], []
-    forward = tf.function(lambda x: model(x, training=False), autograph=False)
-    for step, (images, y) in enumerate(dataset, 1):
-        out = forward(images)
-        if progress is not None:
-            progress.update(step)
-        labels.append(y.numpy())
-        logits.append(out["logits"].numpy())
-        experts.append(out["expert_logits"].numpy())
-    preds = Predictions(np.concatenate(labels), np.concatenate(logits), np.concatenate(experts))
+    preds = Predictions(*models.predict_dataset(model, dataset, progress))
     bad = int((~np.isfinite(preds.expert_logits)).any(axis=(1, 2)).sum())
     if bad:
         raise RunError(f"the model gives non-finite logits for {bad} of {len(preds.labels)} test "

@@ -216,14 +216,11 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
 def calibrate_on_holdout(model, data: lt_data.LabeledData, config: RunConfig, batch_size: int):
     """Predict the held-out split, store its balanced logits in the run folder and fit the
     calibrations test-time prior estimation uses (`label_shift.Holdout`)."""
-    forward = tf.function(lambda x: model(x, training=False)["logits"], autograph=False)
-    labels, logits = [], []
-    for images, y in lt_data.test_pipeline(data, batch_size, split=data.holdout, bad_images=config.bad_images):
-        labels.append(y.numpy())
-        logits.append(forward(images).numpy())
+    labels, logits, _ = models.predict_dataset(
+        model, lt_data.test_pipeline(data, batch_size, split=data.holdout, bad_images=config.bad_images))
     trained_log_prior = label_shift.trained_log_prior(data.train_counts(), float(np.mean(config.lambdas)))
-    return label_shift.save_holdout(config.output_dir, np.concatenate(labels),
-                                    np.concatenate(logits).astype(np.float64) - trained_log_prior, data.train_counts())
+    return label_shift.save_holdout(config.output_dir, labels, logits.astype(np.float64) - trained_log_prior,
+                                    data.train_counts())
 
 
 def _eval_epochs(config: RunConfig, start_epoch: int) -> list:

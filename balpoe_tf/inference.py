@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import export, label_shift, reporting, run_folder
+from balpoe_tf import export, label_shift, models, reporting, run_folder
 from balpoe_tf.config import at_least, between, Check, config_field, NON_EMPTY, one_of, refuse, RunError, validate
 
 
@@ -99,11 +99,11 @@ def load_classifier(path: str) -> Classifier:
         shape, normalize = tuple(model.image_shape), lt_data.normalizer(data["mean"], data["std"])
         mean_lambda = float(np.mean(record["config"]["lambdas"]))
         bias = label_shift.trained_log_prior(data["train_counts"], mean_lambda)
-        forward = tf.function(lambda x: model(x, training=False)["logits"], autograph=False)
+        forward = models.forward_function(model)
 
         def balanced(contents):
             images = tf.stack([lt_data.test_transform(c, shape, data.get("test_crop", 0.0)) for c in contents])
-            return forward(normalize(images)).numpy().astype(np.float64) - bias
+            return forward(normalize(images))["logits"].numpy().astype(np.float64) - bias
 
         return Classifier(list(data["class_names"]), data["train_counts"], mean_lambda, balanced, path,
                           holdout=label_shift.load_holdout(path))

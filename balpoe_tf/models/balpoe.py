@@ -189,6 +189,32 @@ class BalPoEModel(keras.Model):
                 "sync_bn": self.sync_bn}
 
 
+def forward_function(model):
+    """`images -> model(images, training=False)` (its outputs dict) as one traced graph."""
+    return tf.function(lambda images: model(images, training=False), autograph=False)
+
+
+def predict_dataset(model, dataset, progress=None):
+    """Labels, ensemble logits `(N, C)` and expert logits `(N, M, C)` of every
+    `(images, labels)` batch of `dataset`, as NumPy arrays.
+
+    Args:
+        model: a `BalPoEModel`.
+        dataset: batches of `(images, labels)`.
+        progress: told each finished step (`progress.update(step)`), e.g. a `Progress`.
+    """
+    forward = forward_function(model)
+    labels, logits, experts = [], [], []
+    for step, (images, y) in enumerate(dataset, 1):
+        out = forward(images)
+        if progress is not None:
+            progress.update(step)
+        labels.append(y.numpy())
+        logits.append(out["logits"].numpy())
+        experts.append(out["expert_logits"].numpy())
+    return np.concatenate(labels), np.concatenate(logits), np.concatenate(experts)
+
+
 def count_params(layer) -> int:
     """Number of trainable + non-trainable scalars of a built layer or model."""
     return int(sum(np.prod(w.shape) for w in layer.weights))
