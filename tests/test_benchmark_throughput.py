@@ -79,3 +79,11 @@ def test_reference_must_be_a_checkout(tmp_path):
     done = subprocess.run([sys.executable, "tools/benchmark_throughput.py", f"--reference={tmp_path}"], cwd=REPO,
                           capture_output=True, text=True)
     assert done.returncode != 0 and "not a checkout of emasa/BalPoE-CalibratedLT" in done.stderr
+
+
+def test_reference_compares_resnet32_only(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.py").write_text("")
+    done = subprocess.run([sys.executable, "tools/benchmark_throughput.py", f"--reference={tmp_path}",
+                           "--models=resnet50x3"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode != 0 and "compares the ResNet-32 models only" in done.stderr
