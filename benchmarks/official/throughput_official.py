@@ -58,7 +58,7 @@ def main():
             optimizer.zero_grad()
             loss_dict["loss"].backward()
             optimizer.step()
-        float(loss_dict["loss"])
+        loss_dict["loss"].item()
 
     def predict():
         model.eval()
