@@ -101,18 +101,12 @@ def _build(name, xla):
     return model, rng.rand(batch, size, size, 3).astype("float32"), rng.randint(0, classes, batch)
 
 
-def _forward(model, xla):
-    import tensorflow as tf
-
-    return tf.function(lambda images: model(images, training=False)["logits"], jit_compile=bool(xla),
-                       autograph=False)
-
-
 def measure(name, xla, runs, steps):
     import numpy as np
     import tensorflow as tf
 
     from balpoe_tf import data as lt_data
+    from balpoe_tf import models
 
     model, x, y = _build(name, xla)
     backbone, experts, batch, size, classes = MODELS[name]
@@ -120,10 +114,10 @@ def measure(name, xla, runs, steps):
     result = {"model": name, "backbone": backbone, "experts": experts, "batch": batch,
               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": bool(xla)}
     result["train_images_per_s"] = _median_train_rate(model, ds, batch, runs, steps)
-    forward = _forward(model, xla)
+    forward = models.forward_function(model, jit_compile=bool(xla))
     images = tf.constant(x)
     result["predict_images_per_s"] = _median_rate(
-        lambda: [forward(images).numpy() for _ in range(steps)], steps * batch, runs)
+        lambda: [forward(images)["logits"].numpy() for _ in range(steps)], steps * batch, runs)
     if size == 32:
         rng = np.random.RandomState(0)
         labels = rng.randint(0, classes, 50000)
@@ -171,14 +165,14 @@ def serve_requests(name, xla, steps, precision="float32"):
 
     import keras
 
-    from balpoe_tf import export
+    from balpoe_tf import export, models
 
     keras.mixed_precision.set_global_policy(precision)
     model, x, y = _build(name, xla)
     batch, classes = MODELS[name][2], MODELS[name][4]
     model.make_train_function()
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-    forward = _forward(model, xla)
+    forward = models.forward_function(model, jit_compile=bool(xla))
     images = tf.constant(x)
     with tempfile.TemporaryDirectory() as folder:
         path = export.export_saved_model(model, folder, [0.0] * 3, [1.0] * 3, range(classes), [1] * classes, 0.0)
@@ -190,7 +184,7 @@ def serve_requests(name, xla, steps, precision="float32"):
         float(logs["loss"])
 
     jobs = {"train": train,
-            "predict": lambda: [forward(images).numpy() for _ in range(steps)],
+            "predict": lambda: [forward(images)["logits"].numpy() for _ in range(steps)],
             "serve": lambda: [signature(images=images)["logits"].numpy() for _ in range(steps)]}
     for job in jobs.values():  # warm-up: tracing and first executions
         job()

@@ -189,9 +189,10 @@ class BalPoEModel(keras.Model):
                 "sync_bn": self.sync_bn}
 
 
-def forward_function(model):
-    """`images -> model(images, training=False)` (its outputs dict) as one traced graph."""
-    return tf.function(lambda images: model(images, training=False), autograph=False)
+def forward_function(model, jit_compile=False):
+    """`images -> model(images, training=False)` (its outputs dict) as one traced graph,
+    compiled with XLA if `jit_compile`."""
+    return tf.function(lambda images: model(images, training=False), jit_compile=jit_compile, autograph=False)
 
 
 def predict_dataset(model, dataset, progress=None):
