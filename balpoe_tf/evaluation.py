@@ -326,6 +326,10 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
     return paths
 
 
+# The per-bin sums `reliability_bins` returns, as named in a run's evaluation.json.
+RELIABILITY_BINS = ("count", "confidence", "hits")
+
+
 def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):
     """(count, confidence sum, hits) per bin, for `reporting.reliability_diagram_png`."""
     metric = lt_metrics.CalibrationError(num_bins)
@@ -463,9 +467,11 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
                 f"--prior_estimator={config.prior_estimator}")
         results[name] = evaluate_predictions(preds, train_counts, mean_lambda, distributions, modes, subsets,
                                              estimators, holdout, config.prior_safeguard)
+        bins = reliability_bins(preds.labels, preds.logits)
         details[name] = {"lambdas": saved_config.lambdas, "mean_lambda": mean_lambda,
-                         "experts": expert_report(preds, train_counts, saved_config.lambdas)}
-        _write_diagrams(preds, run_dir, output_dir, name)
+                         "experts": expert_report(preds, train_counts, saved_config.lambdas),
+                         "reliability": dict(zip(RELIABILITY_BINS, (b.tolist() for b in bins)))}
+        _write_diagrams(bins, run_dir, output_dir, name)
     paths = write_reports(results, details, output_dir)
     with open(paths["markdown"]) as f:
         log(f.read())
@@ -480,9 +486,9 @@ def usable_estimators(names: Sequence[str], has_holdout: bool) -> list:
     return usable if usable and usable[0] == names[0] else ["em"] + [e for e in usable if e != "em"]
 
 
-def _write_diagrams(preds: Predictions, run_dir: str, output_dir: str, name: str):
+def _write_diagrams(bins, run_dir: str, output_dir: str, name: str):
     """Balanced-test reliability diagram as PNG and in the run's TensorBoard."""
-    png = reporting.reliability_diagram_png(*reliability_bins(preds.labels, preds.logits), name)
+    png = reporting.reliability_diagram_png(*bins, name)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"reliability_{name}.png"), "wb") as f:
         f.write(png)

@@ -30,11 +30,28 @@ def write_json(path: str, value, **kwargs):
 
 def reliability_diagram_png(count, confidence, hits, title="") -> bytes:
     """A reliability diagram (accuracy and mean confidence per bin) as PNG bytes."""
+    return reliability_panels_png([(title, (count, confidence, hits))])
+
+
+def reliability_panels_png(panels) -> bytes:
+    """Reliability diagrams side by side, one per `(title, (count, confidence, hits))`, as
+    PNG bytes: the layout of the paper's Figures 7 and 8, one panel per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), dpi=80, squeeze=False)
+    for ax, (title, bins) in zip(axes[0], panels):
+        _draw_reliability(ax, *bins, title)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _draw_reliability(ax, count, confidence, hits, title):
     count, confidence, hits = (np.asarray(v, np.float64) for v in (count, confidence, hits))
     bins = len(count)
     edges = np.linspace(0, 1, bins + 1)
@@ -43,19 +60,13 @@ def reliability_diagram_png(count, confidence, hits, title="") -> bytes:
     conf = np.where(nonempty, confidence / np.maximum(count, 1), 0)
     ece = np.abs(hits - confidence).sum() / max(count.sum(), 1)
     mce = np.max(np.where(nonempty, np.abs(acc - conf), 0))
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
     ax.bar(edges[:-1], acc, width=1 / bins, align="edge", edgecolor="black", label="accuracy")
     ax.bar(edges[:-1], conf - acc, bottom=acc, width=1 / bins, align="edge", color="red",
            alpha=0.3, label="gap")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"{title} ECE {100 * ece:.1f}  MCE {100 * mce:.1f}".strip())
+           title="\n".join(filter(None, [title, f"ECE {100 * ece:.1f}  MCE {100 * mce:.1f}"])))
     ax.legend(loc="upper left")
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def percent(value) -> str:

@@ -74,17 +74,22 @@ def training_time(run_dir: str) -> dict:
 
 def evaluate_run(run_dir: str, log: Callable[[str], None] = print) -> dict:
     """Results and details of `evaluation.evaluate_runs` for one finished run, kept in
-    RUN/evaluation/evaluation.json and reused while it is newer than the model."""
+    RUN/evaluation/evaluation.json and reused while it is newer than the model (and has the
+    reliability bins, which older evaluations lack)."""
     out = os.path.join(run_dir, "evaluation")
     cached = os.path.join(out, "evaluation.json")
     name = os.path.basename(os.path.normpath(run_dir))
     model = os.path.join(run_dir, "model.keras")
-    if not (os.path.isfile(cached) and os.path.getmtime(cached) > os.path.getmtime(model)):
+    saved = None
+    if os.path.isfile(cached) and os.path.getmtime(cached) > os.path.getmtime(model):
+        with open(cached) as f:
+            saved = json.load(f)
+    if saved is None or "reliability" not in saved["details"][name]:
         evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=run_dir, priors=",".join(evaluation.PRIOR_MODES),
                                                        output_dir=out), log=lambda line: None)
         log(f"evaluated {run_dir}")
-    with open(cached) as f:
-        saved = json.load(f)
+        with open(cached) as f:
+            saved = json.load(f)
     return {"results": saved["results"][name], "details": saved["details"][name]}
 
 
@@ -214,18 +219,37 @@ def report(entries: Sequence[dict], title: str) -> List[str]:
         for member, v in runs[0]["details"]["experts"].items():
             lines.append(f"| {METHODS[method][0]} | {member} | {v['lambda']:g} | {100 * v['accuracy']:.1f} | "
                          f"{v['kl_target_to_marginal']:.4f} |")
-    return lines
+    return lines + ["", "Reliability diagrams on the balanced test set, first finished seed of each method: "
+                        "reliability.png beside this report."]
+
+
+def reliability_figure(entries: Sequence[dict]) -> bytes:
+    """The balanced-test reliability diagrams of the finished runs side by side (the paper's
+    Figure 8), one panel per method from its first finished seed; None if none has finished."""
+    panels, shown = [], set()
+    for e in entries:
+        if e["finished"] and e["method"] not in shown:
+            shown.add(e["method"])
+            bins = e["details"]["reliability"]
+            panels.append((f"{METHODS[e['method']][0]}, seed {e['seed']}",
+                           [bins[k] for k in evaluation.RELIABILITY_BINS]))
+    return reporting.reliability_panels_png(panels) if panels else None
 
 
 def write_report(entries: Sequence[dict], run_root: str, title: str) -> Dict[str, str]:
-    """RUN_ROOT/reproduce.md (the report) and reproduce.json (`summary` rows for benchmarks,
-    and every entry in full)."""
+    """RUN_ROOT/reproduce.md (the report), reproduce.json (`summary` rows for benchmarks,
+    and every entry in full) and, once a run has finished, reliability.png."""
     paths = {"markdown": os.path.join(run_root, "reproduce.md"), "json": os.path.join(run_root, "reproduce.json")}
     os.makedirs(run_root, exist_ok=True)
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(report(entries, title)) + "\n")
     reporting.write_json(paths["json"], {"title": title, "summary": [summary_row(e) for e in entries],
                                          "runs": list(entries)})
+    figure = reliability_figure(entries)
+    if figure is not None:
+        paths["figure"] = os.path.join(run_root, "reliability.png")
+        with open(paths["figure"], "wb") as f:
+            f.write(figure)
     return paths
 
 
@@ -266,5 +290,5 @@ def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable
     paths = write_report(entries, config.run_root, title)
     with open(paths["markdown"]) as f:
         log(f.read())
-    log(f"report: {paths['markdown']}, {paths['json']}")
+    log("report: " + ", ".join(paths.values()))
     return entries

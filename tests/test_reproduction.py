@@ -63,6 +63,21 @@ def test_summary_row_by_hand():
         "method": "balpoe", "seed": 1, "epochs": 200, "finished": False, "epochs_done": 40}
 
 
+def _png_width(png):
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(png[16:20], "big")  # IHDR width
+
+
+def test_reliability_figure_has_one_panel_per_finished_method():
+    bins = {"count": [0, 2, 2], "confidence": [0.0, 1.2, 1.8], "hits": [0, 1, 2]}
+    done = lambda method, seed: {"method": method, "seed": seed, "finished": True, "details": {"reliability": bins}}
+    assert reproduction.reliability_figure([{"method": "balpoe", "seed": 1, "finished": False}]) is None
+    one = reproduction.reliability_figure([done("balpoe", 1), done("balpoe", 2)])
+    three = reproduction.reliability_figure([done("balpoe", 1), done("bs", 1), done("ce", 1),
+                                             {"method": "balpoe_no_mixup", "seed": 1, "finished": False}])
+    assert _png_width(three) == 3 * _png_width(one)
+
+
 @pytest.mark.slow
 def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     base, root = _base(tmp_path), str(tmp_path / "root")
@@ -92,9 +107,25 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     for row in summary:
         assert row["wall_clock_hours"] > 0 and row["images_per_s"] > 0 and 0 <= row["accuracy"] <= 100
     assert os.path.isfile(os.path.join(balpoe.output_dir, "evaluation", "reliability_balpoe.png"))
+    reliability = entries[0]["details"]["reliability"]
+    assert sum(reliability["count"]) == len(run_config.load_data(base).test)
+    figure = (tmp_path / "root" / "reliability.png").read_bytes()
+    assert _png_width(figure) == 2 * _png_width(reproduction.reliability_figure(entries[:1]))  # BalPoE and BS
+    assert "reliability.png" in text
 
     lines = []
     reproduction.reproduce(base, settings, log=lines.append)  # evaluations are reused
     assert not any(line.startswith("evaluated") for line in lines)
     assert np.isclose(json.loads((tmp_path / "root" / "reproduce.json").read_text())["summary"][0]["accuracy"],
                       summary[0]["accuracy"])
+
+    # An evaluation from before the reliability bins were kept is redone.
+    cached = os.path.join(balpoe.output_dir, "evaluation", "evaluation.json")
+    with open(cached) as f:
+        saved = json.load(f)
+    del saved["details"]["balpoe"]["reliability"]
+    with open(cached, "w") as f:
+        json.dump(saved, f)
+    lines = []
+    reproduction.reproduce(base, settings, log=lines.append)
+    assert [line for line in lines if line.startswith("evaluated")] == [f"evaluated {balpoe.output_dir}"]
