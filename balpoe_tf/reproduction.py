@@ -13,7 +13,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -223,7 +223,7 @@ def report(entries: Sequence[dict], title: str) -> List[str]:
                         "reliability.png beside this report."]
 
 
-def reliability_figure(entries: Sequence[dict]) -> bytes:
+def reliability_figure(entries: Sequence[dict]) -> Optional[bytes]:
     """The balanced-test reliability diagrams of the finished runs side by side (the paper's
     Figure 8), one panel per method from its first finished seed; None if none has finished."""
     panels, shown = [], set()
