@@ -236,15 +236,19 @@ def reliability_figure(entries: Sequence[dict]) -> Optional[bytes]:
     return reporting.reliability_panels_png(panels) if panels else None
 
 
-def write_report(entries: Sequence[dict], run_root: str, title: str) -> Dict[str, str]:
+def write_report(entries: Sequence[dict], run_root: str, title: str, summary_json: str = "") -> Dict[str, str]:
     """RUN_ROOT/reproduce.md (the report), reproduce.json (`summary` rows for benchmarks,
-    and every entry in full) and, once a run has finished, reliability.png."""
+    and every entry in full), once a run has finished reliability.png, and the title and
+    summary rows alone to `summary_json` if given."""
     paths = {"markdown": os.path.join(run_root, "reproduce.md"), "json": os.path.join(run_root, "reproduce.json")}
     os.makedirs(run_root, exist_ok=True)
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(report(entries, title)) + "\n")
-    reporting.write_json(paths["json"], {"title": title, "summary": [summary_row(e) for e in entries],
-                                         "runs": list(entries)})
+    summary = {"title": title, "summary": [summary_row(e) for e in entries]}
+    reporting.write_json(paths["json"], {**summary, "runs": list(entries)})
+    if summary_json:
+        paths["summary"] = summary_json
+        reporting.write_json(summary_json, summary)
     figure = reliability_figure(entries)
     if figure is not None:
         paths["figure"] = os.path.join(run_root, "reliability.png")
@@ -268,6 +272,9 @@ class ReproduceConfig:
     train: bool = config_field(True, "Train (or resume) every run that has not finished; --notrain only "
                                      "writes the report of what exists.")
     title: str = config_field("", "Report title (default: dataset, imbalance ratio and epochs).")
+    summary_json: str = config_field("", "Also write the title and the summary rows (one per run: balanced-test "
+                                     "metrics in percent, epochs, seed, commit, wall-clock hours) to this JSON "
+                                     "file, e.g. benchmarks/reproduce_<name>.json.")
 
     def __post_init__(self):
         validate(self)
@@ -287,7 +294,7 @@ def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable
     entries = collect(base, config.methods, config.seeds, config.run_root, log)
     source = f"{base.dataset} {os.path.basename(os.path.normpath(base.data_path))}" if base.data_path else base.dataset
     title = config.title or f"{source}, IR {base.imbalance_ratio:g}, {base.epochs} epochs"
-    paths = write_report(entries, config.run_root, title)
+    paths = write_report(entries, config.run_root, title, config.summary_json)
     with open(paths["markdown"]) as f:
         log(f.read())
     log("report: " + ", ".join(paths.values()))

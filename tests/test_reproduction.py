@@ -95,14 +95,16 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     assert "| BalPoE | 1 | unfinished: epoch 1/2 |" in (tmp_path / "root" / "reproduce.md").read_text()
 
     lines = []
+    summary_json = str(tmp_path / "benchmark.json")
     entries = reproduction.reproduce(base, reproduction.ReproduceConfig(
-        methods=["balpoe", "bs"], seeds=[1], run_root=root), log=lines.append)
+        methods=["balpoe", "bs"], seeds=[1], run_root=root, summary_json=summary_json), log=lines.append)
     assert "resuming from" in "\n".join(lines) and [e["finished"] for e in entries] == [True, True]
     text = (tmp_path / "root" / "reproduce.md").read_text()
     assert "| BalPoE | 1 | finished |" in text and "| BS (lambda 0) | 1 | finished |" in text
     assert "| BalPoE | no prior |" in text and "| BS (lambda 0) | + prior estimated (em) |" in text
     assert "| BalPoE | expert2 | -1 |" in text and "BalPoE > BS > CE" not in text  # CE was not run
     summary = json.loads((tmp_path / "root" / "reproduce.json").read_text())["summary"]
+    assert json.loads(open(summary_json).read()) == {"title": "digits, IR 10, 2 epochs", "summary": summary}
     assert [row["method"] for row in summary] == ["balpoe", "bs"]
     for row in summary:
         assert row["wall_clock_hours"] > 0 and row["images_per_s"] > 0 and 0 <= row["accuracy"] <= 100

@@ -8,7 +8,9 @@ The flags describe the BalPoE run (every flag of tools/train.py); BS, BalPoE wit
 CE and the uniform ensemble change only what makes them that method. Runs go one at a time
 to RUN_ROOT/seed<S>/<method>, each resuming from its last checkpoint, so starting the same
 command again continues an interrupted reproduction; `--notrain` writes the report of what
-exists (finished runs in full, unfinished ones with their epoch) to RUN_ROOT/reproduce.{md,json}.
+exists (finished runs in full, unfinished ones with their epoch) to RUN_ROOT/reproduce.{md,json},
+with the finished methods' reliability diagrams side by side in RUN_ROOT/reliability.png;
+`--summary_json=PATH` also writes the one-row-per-run summary there.
 """
 
 import os
