@@ -5,9 +5,15 @@ balanced test metrics as balpoe_tf does (accuracy, ECE and MCE with 15 bins, per
     python benchmarks/official/train_official.py --official=CHECKOUT --lists=LISTS --seed=1 \
         --epochs=15 --warmup=2 --step1=12 --step2=13 --output=RESULT.json
 
+The paper's schedule (200 epochs, warm-up 5, steps at 160 and 180, with the official random
+rotation) for runs longer than a session: --epochs=200 --warmup=5 --step1=160 --step2=180
+--rotation=15 --checkpoint=STATE.pt; started again with the same command, it resumes after the
+last finished epoch (model, optimizer, schedule and every random state).
+
 Runs with PyTorch (CPU), outside balpoe_tf's dependencies; needs numpy and Pillow too. Images
 get the CIFAR transforms of torchvision done by hand: random crop 32 with 4 black pixels of
-padding, horizontal flip, then normalisation with the CIFAR mean and std.
+padding, horizontal flip, optionally RandomRotation (nearest neighbour, black fill, as Pillow's
+rotate that torchvision calls), then normalisation with the CIFAR mean and std.
 """
 
 import argparse
@@ -35,15 +41,20 @@ def read_list(path):
     return images, np.array(labels, np.int64)
 
 
-def augment(images, rng):
-    """RandomCrop(32, padding=4) on black padding and RandomHorizontalFlip, as torchvision."""
+def augment(images, rng, rotation=0.0):
+    """RandomCrop(32, padding=4) on black padding, RandomHorizontalFlip and, if `rotation`,
+    RandomRotation(rotation), in that order, as torchvision."""
     n, h, w, _ = images.shape
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
     out = np.empty_like(images)
     for k in range(n):
         i, j = rng.randint(0, 9, size=2)
         crop = padded[k, i:i + h, j:j + w]
-        out[k] = crop[:, ::-1] if rng.rand() < 0.5 else crop
+        crop = crop[:, ::-1] if rng.rand() < 0.5 else crop
+        if rotation:
+            angle = rng.uniform(-rotation, rotation)
+            crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).rotate(angle, Image.NEAREST, fillcolor=0))
+        out[k] = crop
     return out
 
 
@@ -83,6 +94,8 @@ def main():
     parser.add_argument("--step2", type=int, default=13)
     parser.add_argument("--alpha", type=float, default=0.8, help="mixup alpha")
     parser.add_argument("--tau_list", default="0,1,2", help="tau = 1 - lambda per expert")
+    parser.add_argument("--rotation", type=float, default=0.0, help="RandomRotation degrees (official: 15)")
+    parser.add_argument("--checkpoint", default="", help="training state after every epoch; resumed from if present")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", required=True, help="result JSON")
     args = parser.parse_args()
@@ -116,8 +129,19 @@ def main():
         return factor * (1 + epoch) / args.warmup if epoch < args.warmup else factor
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    start = time.time()
-    for epoch in range(args.epochs):
+    first, seconds = 0, 0.0
+    if args.checkpoint and os.path.isfile(args.checkpoint):
+        state = torch.load(args.checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng.set_state(state["rng"])
+        np.random.set_state(state["np_random"])
+        torch.set_rng_state(state["torch_rng"])
+        first, seconds = state["epoch"], state["seconds"]
+        print(f"resuming after epoch {first} ({seconds:.0f} s trained)", flush=True)
+    start = time.time() - seconds  # training time only: the time between runs is not counted
+    for epoch in range(first, args.epochs):
         model.train()
         model._hook_before_iter()
         combiner.update(epoch)
@@ -125,7 +149,8 @@ def main():
         losses = []
         for b in range(0, len(order), 128):  # the last, smaller batch is kept, as the official loader does
             idx = order[b:b + 128]
-            images, labels = to_tensor(augment(x_train[idx], rng)), torch.from_numpy(y_train[idx])
+            images = to_tensor(augment(x_train[idx], rng, args.rotation))
+            labels = torch.from_numpy(y_train[idx])
             _, loss_dict, _ = combiner.forward(model, criterion, images, labels)
             optimizer.zero_grad()
             loss_dict["loss"].backward()
@@ -133,6 +158,12 @@ def main():
             losses.append(float(loss_dict["loss"].detach()))
         scheduler.step()
         print(f"epoch {epoch + 1}/{args.epochs}  loss {np.mean(losses):.4f}  {time.time() - start:.0f} s", flush=True)
+        if args.checkpoint:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": rng.get_state(), "np_random": np.random.get_state(),
+                     "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "seconds": time.time() - start}
+            torch.save(state, args.checkpoint + ".tmp")
+            os.replace(args.checkpoint + ".tmp", args.checkpoint)  # a kill mid-write keeps the previous state
 
     model.eval()
     ensemble, experts = [], []
