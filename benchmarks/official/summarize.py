@@ -1,4 +1,4 @@
-"""One Markdown table of balpoe_tf's and the official code's runs of compare.sh: balanced accuracy, ECE,
+"""One Markdown table of balpoe_tf's BalPoE runs and the official code's runs of compare.sh: balanced accuracy, ECE,
 MCE and per-expert accuracy per seed, and the mean of each side.
 
     python benchmarks/official/summarize.py --ours=OUT/ours/reproduce.json --official=OUT/official \
@@ -17,7 +17,7 @@ def rows(ours_path, official_dir):
     with open(ours_path) as f:
         ours = json.load(f)["runs"]
     for run in ours:
-        if run["finished"]:
+        if run["finished"] and run["method"] == "balpoe":
             experts = run["details"]["experts"]
             yield ("balpoe_tf", run["seed"], run["results"]["uniform"]["none"]["accuracy"],
                    run["results"]["uniform"]["none"]["ece"], run["results"]["uniform"]["none"]["mce"],
