@@ -1,3 +1,4 @@
+import io
 import os
 
 import numpy as np
@@ -273,6 +274,21 @@ def test_bad_image_fails_with_its_path_or_is_skipped(tmp_path, capfd):
     assert "broken.jpg" in capfd.readouterr().err
     with pytest.raises(lt_data.DataError, match="--bad_images must be 'fail' or 'skip'"):
         lt_data.test_pipeline(data, 4, bad_images="ignore")
+
+
+def test_jpeg_decoded_as_pillow_decodes_it():
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    pixels = rng.randint(0, 256, (32, 32, 3)).astype(np.uint8)
+    jpeg = tf.io.encode_jpeg(pixels, quality=75).numpy()
+    pillow = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    ours = lt_data.decode_pixels(tf.constant(jpeg), 3).numpy()
+    np.testing.assert_array_equal(ours, pillow)
+    assert np.abs(tf.io.decode_jpeg(jpeg).numpy().astype(int) - pillow).max() > 0  # TF's default IDCT is not
+    np.testing.assert_array_equal(lt_data.decode_image(tf.constant(jpeg), (32, 32, 3)).numpy(), pillow)
+    png = tf.io.encode_png(pixels).numpy()  # not a JPEG: decoded as it is
+    np.testing.assert_array_equal(lt_data.decode_pixels(tf.constant(png), 3).numpy(), pixels)
 
 
 def test_image_file_augmentations():

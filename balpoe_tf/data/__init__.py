@@ -17,8 +17,8 @@ from balpoe_tf.data.dataset import class_counts, DataError, LabeledData, Split, 
 from balpoe_tf.data.longtail import (class_groups, class_prior, FEW_SHOT_MAX, hold_out, HOLDOUT_SEED,
                                      long_tailed_counts, long_tailed_indices, make_long_tailed, MANY_SHOT_MIN,
                                      PRIOR_FLOOR, SAMPLING_SEED)
-from balpoe_tf.data.images import (decode_image, IMAGE_EXTENSIONS, image_file_ok, image_pixels, resize_center_crop,
-                                   test_transform)
+from balpoe_tf.data.images import (decode_image, decode_pixels, IMAGE_EXTENSIONS, image_file_ok, image_pixels,
+                                   resize_center_crop, test_transform)
 from balpoe_tf.data.augment import AUGMENTATIONS, cifar_augment, color_jitter, IMAGE_AUGMENTATIONS, random_resized_crop
 from balpoe_tf.data.sources import (CIFAR_MEAN, CIFAR_STD, DATASETS, extract_from_tfds, from_arrays, IDX_FILES,
                                     IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_digits, load_idx,
@@ -28,8 +28,9 @@ from balpoe_tf.data.pipelines import normalizer, steps_per_epoch, test_pipeline,
 
 __all__ = ["class_counts", "DataError", "LabeledData", "Split", "STREAM_SHUFFLE_BUFFER", "TfdsStream", "class_groups",
            "class_prior", "FEW_SHOT_MAX", "hold_out", "HOLDOUT_SEED", "long_tailed_counts", "long_tailed_indices",
-           "make_long_tailed", "MANY_SHOT_MIN", "PRIOR_FLOOR", "SAMPLING_SEED", "decode_image", "IMAGE_EXTENSIONS",
-           "image_file_ok", "image_pixels", "resize_center_crop", "test_transform", "AUGMENTATIONS", "cifar_augment",
+           "make_long_tailed", "MANY_SHOT_MIN", "PRIOR_FLOOR", "SAMPLING_SEED", "decode_image", "decode_pixels",
+           "IMAGE_EXTENSIONS", "image_file_ok", "image_pixels", "resize_center_crop", "test_transform", "AUGMENTATIONS",
+           "cifar_augment",
            "color_jitter", "IMAGE_AUGMENTATIONS", "random_resized_crop", "CIFAR_MEAN", "CIFAR_STD", "DATASETS",
            "extract_from_tfds", "from_arrays", "IDX_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "load_dataset",
            "load_digits", "load_idx", "load_image_folder", "load_image_list", "load_npz", "load_tfds", "NPZ_KEYS",

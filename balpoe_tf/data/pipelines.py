@@ -10,7 +10,7 @@ import tensorflow as tf
 from balpoe_tf.data.augment import (AUGMENTATIONS, IMAGE_AUGMENTATIONS, augment_images, color_jitter,
                                     rand_augment_layer, random_resized_crop)
 from balpoe_tf.data.dataset import DataError, LabeledData, Split, STREAM_SHUFFLE_BUFFER
-from balpoe_tf.data.images import image_file_ok, test_transform
+from balpoe_tf.data.images import decode_pixels, image_file_ok, test_transform
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -22,8 +22,7 @@ def _file_image(contents, data: LabeledData, augment: Optional[str], seed, rand_
     """A decoded, transformed image file: `image_shape` float pixels in [0, 255]."""
     size = data.image_shape[:2]
     if augment in IMAGE_AUGMENTATIONS:
-        image = tf.cast(tf.io.decode_image(contents, channels=data.image_shape[-1],
-                                           expand_animations=False), tf.float32)
+        image = tf.cast(decode_pixels(contents, data.image_shape[-1]), tf.float32)
         s_crop, s_flip, s_jitter = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
         image = tf.image.stateless_random_flip_left_right(random_resized_crop(image, size, s_crop), s_flip)
         image = tf.ensure_shape(image, data.image_shape)  # the crop's dynamic slice loses the shape
