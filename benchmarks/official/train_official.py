@@ -8,7 +8,9 @@ balanced test metrics as balpoe_tf does (accuracy, ECE and MCE with 15 bins, per
 The paper's schedule (200 epochs, warm-up 5, steps at 160 and 180, with the official random
 rotation) for runs longer than a session: --epochs=200 --warmup=5 --step1=160 --step2=180
 --rotation=15 --checkpoint=STATE.pt; started again with the same command, it resumes after the
-last finished epoch (model, optimizer, schedule and every random state).
+last finished epoch (model, optimizer, schedule and every random state). --keep_every=10 also
+keeps the state of every 10th epoch as STATE.epNNN.pt; given as --checkpoint with --epochs=NNN,
+such a state is evaluated without training (the curve along the schedule).
 
 Runs with PyTorch (CPU), outside balpoe_tf's dependencies; needs numpy and Pillow too. Images
 get the CIFAR transforms of torchvision done by hand: random crop 32 with 4 black pixels of
@@ -19,6 +21,7 @@ rotate that torchvision calls), then normalisation with the CIFAR mean and std.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -96,6 +99,7 @@ def main():
     parser.add_argument("--tau_list", default="0,1,2", help="tau = 1 - lambda per expert")
     parser.add_argument("--rotation", type=float, default=0.0, help="RandomRotation degrees (official: 15)")
     parser.add_argument("--checkpoint", default="", help="training state after every epoch; resumed from if present")
+    parser.add_argument("--keep_every", type=int, default=0, help="keep the state of every Nth epoch too (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", required=True, help="result JSON")
     args = parser.parse_args()
@@ -164,6 +168,8 @@ def main():
                      "torch_rng": torch.get_rng_state(), "epoch": epoch + 1, "seconds": time.time() - start}
             torch.save(state, args.checkpoint + ".tmp")
             os.replace(args.checkpoint + ".tmp", args.checkpoint)  # a kill mid-write keeps the previous state
+            if args.keep_every and (epoch + 1) % args.keep_every == 0:
+                shutil.copyfile(args.checkpoint, f"{os.path.splitext(args.checkpoint)[0]}.ep{epoch + 1:03d}.pt")
 
     model.eval()
     ensemble, experts = [], []
