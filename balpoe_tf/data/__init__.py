@@ -19,7 +19,8 @@ from balpoe_tf.data.longtail import (class_groups, class_prior, FEW_SHOT_MAX, ho
                                      PRIOR_FLOOR, SAMPLING_SEED)
 from balpoe_tf.data.images import (decode_image, decode_pixels, IMAGE_EXTENSIONS, image_file_ok, image_pixels,
                                    resize_center_crop, test_transform)
-from balpoe_tf.data.augment import AUGMENTATIONS, cifar_augment, color_jitter, IMAGE_AUGMENTATIONS, random_resized_crop
+from balpoe_tf.data.augment import (AUGMENTATIONS, cifar_augment, color_jitter, crop_flip_rotate, IMAGE_AUGMENTATIONS,
+                                    random_resized_crop)
 from balpoe_tf.data.sources import (CIFAR_MEAN, CIFAR_STD, DATASETS, extract_from_tfds, from_arrays, IDX_FILES,
                                     IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_digits, load_idx,
                                     load_image_folder, load_image_list, load_npz, load_tfds, NPZ_KEYS, read_idx,
@@ -30,7 +31,7 @@ __all__ = ["class_counts", "DataError", "LabeledData", "Split", "STREAM_SHUFFLE_
            "class_prior", "FEW_SHOT_MAX", "hold_out", "HOLDOUT_SEED", "long_tailed_counts", "long_tailed_indices",
            "make_long_tailed", "MANY_SHOT_MIN", "PRIOR_FLOOR", "SAMPLING_SEED", "decode_image", "decode_pixels",
            "IMAGE_EXTENSIONS", "image_file_ok", "image_pixels", "resize_center_crop", "test_transform", "AUGMENTATIONS",
-           "cifar_augment",
+           "cifar_augment", "crop_flip_rotate",
            "color_jitter", "IMAGE_AUGMENTATIONS", "random_resized_crop", "CIFAR_MEAN", "CIFAR_STD", "DATASETS",
            "extract_from_tfds", "from_arrays", "IDX_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "load_dataset",
            "load_digits", "load_idx", "load_image_folder", "load_image_list", "load_npz", "load_tfds", "NPZ_KEYS",

@@ -44,11 +44,9 @@ def rand_augment_layer():
 
 def cifar_augment(images: tf.Tensor, seed: tf.Tensor, pad: int = 4,
                   max_degrees: float = 15.0, flip: bool = True) -> tf.Tensor:
-    """Pad-`pad` random crop, horizontal flip and +-`max_degrees` rotation of a batch.
-
-    The three maps are composed into one projective transform per image (nearest
-    neighbour, zero fill, like torchvision's RandomCrop(padding) / RandomRotation), so
-    the whole batch is warped by a single op.
+    """Pad-`pad` random crop, horizontal flip and +-`max_degrees` rotation of a batch
+    (torchvision's RandomCrop(32, padding), RandomHorizontalFlip, RandomRotation), drawn
+    from a stateless seed and applied by `crop_flip_rotate`.
 
     Args:
         images: `(B, H, W, C)` batch.
@@ -61,24 +59,53 @@ def cifar_augment(images: tf.Tensor, seed: tf.Tensor, pad: int = 4,
         The warped `(B, H, W, C)` float32 batch, pixel values unchanged.
     """
     b = tf.shape(images)[0]
-    h, w = images.shape[1], images.shape[2]
     s_crop, s_flip, s_rot = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     shift = tf.cast(tf.random.stateless_uniform([b, 2], s_crop, -pad, pad + 1, tf.int32), tf.float32)
     mirror = tf.random.stateless_uniform([b], s_flip) < 0.5 if flip else tf.zeros([b], tf.bool)
-    theta = tf.random.stateless_uniform([b], s_rot, -max_degrees, max_degrees) * (np.pi / 180.0)
+    degrees = tf.random.stateless_uniform([b], s_rot, -max_degrees, max_degrees)
+    return crop_flip_rotate(images, shift, mirror, degrees, rotate=max_degrees > 0)
+
+
+def crop_flip_rotate(images, shift, mirror, degrees, rotate=True):
+    """Crop, flip and rotation with given parameters, as one projective warp per image.
+
+    As torchvision does them one after another on black padding: the crop window is
+    shifted by `shift` from the centre, the crop mirrored where `mirror`, then rotated
+    by `degrees` about its centre (counter-clockwise, as Pillow's `rotate`) with nearest
+    neighbour and zero fill. The rotation leaves black not only where it reaches the
+    padding but wherever it reaches outside the crop window, even over image content.
+
+    Args:
+        images: `(B, H, W, C)` batch.
+        shift: `(B, 2)` float crop offsets (x, y) in pixels, in [-pad, pad].
+        mirror: `(B,)` bool.
+        degrees: `(B,)` rotation angles.
+        rotate: whether to rotate at all (False skips the window mask).
+
+    Returns:
+        The `(B, H, W, C)` float32 batch.
+    """
+    h, w = images.shape[1], images.shape[2]
+    theta = degrees * (np.pi / 180.0)
     cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
     cos, sin = tf.cos(theta), tf.sin(theta)
-    # Output pixel p -> input pixel: rotate about the centre, then mirror, then shift.
+    # Output pixel p -> pixel of the crop window: rotate back about the centre.
+    rot = [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy]
+    # Then mirror within the window and shift it onto the image.
     sx = tf.where(mirror, -1.0, 1.0)
-    a0, a1 = sx * cos, -sx * sin
-    a2 = sx * (cx - cos * cx + sin * cy) + tf.where(mirror, float(w - 1), 0.0) + shift[:, 0]
-    b0, b1 = sin, cos
-    b2 = cy - sin * cx - cos * cy + shift[:, 1]
-    zeros = tf.zeros_like(a0)
-    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.cast(images, tf.float32), transforms=transforms, output_shape=[h, w],
-        fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+    full = [sx * rot[0], sx * rot[1], sx * rot[2] + tf.where(mirror, float(w - 1), 0.0) + shift[:, 0],
+            rot[3], rot[4], rot[5] + shift[:, 1]]
+    zeros = tf.zeros_like(theta)
+
+    def warp(x, coefficients):
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=x, transforms=tf.stack(coefficients + [zeros, zeros], axis=1), output_shape=[h, w],
+            fill_value=0.0, interpolation="NEAREST", fill_mode="CONSTANT")
+
+    out = warp(tf.cast(images, tf.float32), full)
+    if rotate:
+        out *= warp(tf.ones_like(out[..., :1]), rot)  # zero where the rotation left the window
+    return out
 
 
 # cifar: crop, flip, rotation (standard schedule); autoaugment: crop, flip and the
