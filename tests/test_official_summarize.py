@@ -47,6 +47,7 @@ def test_curve_pairs_epochs_that_both_sides_evaluated(tmp_path):
     _official_result(str(official / "snapshots" / "ep20.json"), 20, 0.50, 0.02)
     _official_result(str(official / "snapshots" / "ep30.json"), 30, 0.625, 0.01)
     _official_result(str(official / "snapshots" / "ep40.json"), 40, 0.70, 0.01)  # ours has no epoch 40
+    (official / "comparison.json").write_text("[1, 2]")  # not a result: ignored
 
     curve = summarize.our_curve(ours)
     assert sorted(curve) == [10, 20, 30]

@@ -54,7 +54,8 @@ def official_curve(official_dir):
     for path in glob.glob(os.path.join(official_dir, "**", "*.json"), recursive=True):
         with open(path) as f:
             r = json.load(f)
-        values[r["epochs"]] = (r["accuracy"], r["ece"])
+        if isinstance(r, dict) and {"epochs", "accuracy", "ece"} <= r.keys():  # other JSON files are not results
+            values[r["epochs"]] = (r["accuracy"], r["ece"])
     return values
 
 
