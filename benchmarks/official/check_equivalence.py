@@ -53,7 +53,7 @@ def load_official(step, num_classes, num_experts=3):
 
 
 def test_images(lists):
-    paths = [line.rsplit(" ", 1)[0] for line in open(os.path.join(lists, "test.txt"))]
+    paths = lt_data.read_image_list(os.path.join(lists, "test.txt")).images
     return np.stack([lt_data.decode_pixels(tf.io.read_file(p), 3).numpy() for p in paths])
 
 
