@@ -29,11 +29,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults first)
 import tensorflow as tf  # noqa: E402
-from absl import flags  # noqa: E402
 
-from balpoe_tf import cli, metrics, run_config  # noqa: E402
+from balpoe_tf import evaluation, models, run_config, run_folder  # noqa: E402
 from balpoe_tf.data import pipelines  # noqa: E402
-from balpoe_tf.run_folder import load_model_file  # noqa: E402
 from balpoe_tf.training import mix, mixup_draw  # noqa: E402
 
 DATA_SEED, FIRST_EPOCH = 7, 300  # training batches the run never saw in this order
@@ -53,24 +51,23 @@ def set_statistics(model, values):
         b.moving_variance.assign(variance)
 
 
-def statistics_step(model):
-    """A function that runs one batch, mixed with `(xi, perm)`, in training mode: the moving
-    statistics move as in training, the weights do not."""
+def run_mixed(model, batches, alpha, seed):
+    """Run `batches` through `model` in training mode, each mixed with its own mixup draw
+    seeded `(seed, i)`: the moving statistics move as in training, the weights do not. Yields
+    each batch's mixup coefficient after its step."""
     @tf.function
     def step(images, xi, perm):
         model(mix(images, xi, perm), training=True)
-    return step
 
-
-def refresh(model, batches, alpha, seed):
-    """Run `batches` through `model` in training mode with one mixup draw each, seeded
-    `(seed, i)`; returns the mixup coefficients."""
-    step, xis = statistics_step(model), []
     for i, (images, _) in enumerate(batches):
         xi, perm = mixup_draw(alpha, tf.shape(images)[0], tf.constant([seed, i], tf.int64))
         step(images, xi, perm)
-        xis.append(float(xi))
-    return xis
+        yield float(xi)
+
+
+def refresh(model, batches, alpha, seed):
+    """`run_mixed` over all `batches`; returns the mixup coefficients."""
+    return list(run_mixed(model, batches, alpha, seed))
 
 
 def average_statistics(model, batches, alpha, seed):
@@ -80,11 +77,8 @@ def average_statistics(model, batches, alpha, seed):
     momenta = [b.momentum for b in layers]
     for b in layers:
         b.momentum = 0.0  # each step leaves the batch's own statistics, which are summed here
-    step = statistics_step(model)
     sums, n = None, 0
-    for i, (images, _) in enumerate(batches):
-        xi, perm = mixup_draw(alpha, tf.shape(images)[0], tf.constant([seed, i], tf.int64))
-        step(images, xi, perm)
+    for _ in run_mixed(model, batches, alpha, seed):
         values = statistics(model)
         sums = values if sums is None else [(m + vm, v + vv) for (m, v), (vm, vv) in zip(sums, values)]
         n += 1
@@ -95,41 +89,29 @@ def average_statistics(model, batches, alpha, seed):
 
 def calibration(model, test_batches, train_counts):
     """Balanced test accuracy, ECE and mean confidence minus accuracy, in percent."""
-    forward = tf.function(lambda images: model(images, training=False)["logits"])
-    labels = np.concatenate([y.numpy() for _, y in test_batches])
-    logits = np.concatenate([forward(x).numpy() for x, _ in test_batches])
-    m = metrics.evaluate_logits(labels, logits, train_counts)
-    probs = tf.nn.softmax(logits).numpy()
-    gap = probs.max(1).mean() - (probs.argmax(1) == labels).mean()
+    labels, logits, _ = models.predict_dataset(model, test_batches)
+    m = evaluation.set_metrics(labels, logits, train_counts)
     return {"accuracy": round(100 * m["accuracy"], 2), "ece": round(100 * m["ece"], 2),
-            "confidence_minus_accuracy": round(100 * float(gap), 2)}
-
-
-def load_run(run_dir):
-    values = flags.FlagValues()
-    cli.define_flags(run_config.RunConfig, values)
-    values([sys.argv[0], f"--flagfile={os.path.join(run_dir, 'flags.txt')}"])
-    config = cli.config_from_flags(run_config.RunConfig, values)
-    return config, run_config.load_data(config)
+            "confidence_minus_accuracy": round(100 * m["overconfidence"], 2)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run_dir", required=True, help="a finished run (its flags.txt and model.keras)")
+    parser.add_argument("--run_dir", required=True, help="a finished run (its config.json and model.keras)")
     parser.add_argument("--official_step", default="", help="official_step.py's .npz: use its weights")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--refresh_batches", type=int, default=20)
     parser.add_argument("--average_batches", type=int, default=200)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
-    config, data = load_run(args.run_dir)
+    model, record = run_folder.load_run(args.run_dir)
+    config = run_config.RunConfig(**record["config"])
+    data = run_config.load_data(config)
     counts = data.train_counts()
     if args.official_step:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "official"))
         from check_equivalence import load_official
         model, _ = load_official(np.load(args.official_step), len(counts))
-    else:
-        model = load_model_file(os.path.join(args.run_dir, "model.keras"))
     test = list(pipelines.test_pipeline(data, 500))
     train = iter(pipelines.train_pipeline(data, config.batch_size, FIRST_EPOCH + 100, DATA_SEED,
                                           config.augment, FIRST_EPOCH))
