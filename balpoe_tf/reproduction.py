@@ -236,19 +236,42 @@ def reliability_figure(entries: Sequence[dict]) -> Optional[bytes]:
     return reporting.reliability_panels_png(panels) if panels else None
 
 
+def merge_summary(previous: Optional[dict], summary: dict, path: str = "") -> dict:
+    """`summary` laid over the `previous` one of the same title, row by (method, seed): a
+    run's row replaces its earlier one unless that finished and this did not, so runs
+    reported from another run root (or a machine since lost) stay reported; rows keep the
+    earlier order, new ones go last."""
+    if previous is None:
+        return summary
+    if previous.get("title") != summary["title"]:
+        raise RunError(f"{path or 'the summary file'} holds the results of {previous.get('title')!r}, not of "
+                       f"{summary['title']!r}: pass that --title to add to it, or another --summary_json")
+    rows = {(r["method"], r["seed"]): r for r in previous["summary"]}
+    for row in summary["summary"]:
+        key = (row["method"], row["seed"])
+        if row["finished"] or not rows.get(key, {}).get("finished"):
+            rows[key] = row
+    return {"title": summary["title"], "summary": list(rows.values())}
+
+
 def write_report(entries: Sequence[dict], run_root: str, title: str, summary_json: str = "") -> Dict[str, str]:
     """RUN_ROOT/reproduce.md (the report), reproduce.json (`summary` rows for benchmarks,
     and every entry in full), once a run has finished reliability.png, and the title and
-    summary rows alone to `summary_json` if given."""
+    summary rows to `summary_json` if given, merged into what it holds (`merge_summary`)."""
+    summary = {"title": title, "summary": [summary_row(e) for e in entries]}
+    previous = None
+    if summary_json and os.path.isfile(summary_json):
+        with open(summary_json) as f:
+            previous = json.load(f)
+    merged = merge_summary(previous, summary, summary_json)  # before writing anything: a wrong title stops here
     paths = {"markdown": os.path.join(run_root, "reproduce.md"), "json": os.path.join(run_root, "reproduce.json")}
     os.makedirs(run_root, exist_ok=True)
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(report(entries, title)) + "\n")
-    summary = {"title": title, "summary": [summary_row(e) for e in entries]}
     reporting.write_json(paths["json"], {**summary, "runs": list(entries)})
     if summary_json:
         paths["summary"] = summary_json
-        reporting.write_json(summary_json, summary)
+        reporting.write_json(summary_json, merged)
     figure = reliability_figure(entries)
     if figure is not None:
         paths["figure"] = os.path.join(run_root, "reliability.png")
@@ -274,7 +297,9 @@ class ReproduceConfig:
     title: str = config_field("", "Report title (default: dataset, imbalance ratio and epochs).")
     summary_json: str = config_field("", "Also write the title and the summary rows (one per run: balanced-test "
                                      "metrics in percent, epochs, seed, commit, wall-clock hours) to this JSON "
-                                     "file, e.g. benchmarks/reproduce_<name>.json.")
+                                     "file, e.g. benchmarks/reproduce_<name>.json. An existing file of the same "
+                                     "title is updated: its finished rows stay unless this report has that run "
+                                     "finished too.")
 
     def __post_init__(self):
         validate(self)

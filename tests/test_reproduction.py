@@ -63,6 +63,35 @@ def test_summary_row_by_hand():
         "method": "balpoe", "seed": 1, "epochs": 200, "finished": False, "epochs_done": 40}
 
 
+def test_merge_summary_keeps_finished_rows_a_new_report_lacks():
+    row = lambda method, finished, accuracy=None: {"method": method, "seed": 1, "finished": finished,
+                                                   **({"accuracy": accuracy} if finished else {})}
+    previous = {"title": "T", "summary": [row("balpoe", True, 79.2), row("bs", True, 72.2), row("ce", False)]}
+    # Another run root: BalPoE and BS not there, CE and BalPoE without mixup finished, a new BS run started.
+    new = {"title": "T", "summary": [row("balpoe", False), row("bs", False), row("balpoe_no_mixup", True, 80.0),
+                                     row("ce", True, 71.0)]}
+    assert reproduction.merge_summary(previous, new) == {"title": "T", "summary": [
+        row("balpoe", True, 79.2), row("bs", True, 72.2), row("ce", True, 71.0), row("balpoe_no_mixup", True, 80.0)]}
+    rerun = {"title": "T", "summary": [row("bs", True, 73.0)]}
+    assert reproduction.merge_summary(previous, rerun)["summary"][1] == row("bs", True, 73.0)
+    assert reproduction.merge_summary(None, new) == new
+    with pytest.raises(RunError, match="holds the results of 'T', not of 'U'.*--title"):
+        reproduction.merge_summary(previous, {**new, "title": "U"}, "bench.json")
+
+
+def test_write_report_merges_into_the_summary_file_and_checks_its_title(tmp_path):
+    summary_json = tmp_path / "bench.json"
+    finished = {"title": "T", "summary": [{"method": "bs", "seed": 1, "finished": True, "accuracy": 72.2}]}
+    summary_json.write_text(json.dumps(finished))
+    entries = [{"method": "ce", "seed": 1, "epochs": 200, "epoch": 3, "finished": False}]
+    with pytest.raises(RunError, match="bench.json holds the results of 'T'"):
+        reproduction.write_report(entries, str(tmp_path / "root"), "U", str(summary_json))
+    assert not (tmp_path / "root").exists()
+    reproduction.write_report(entries, str(tmp_path / "root"), "T", str(summary_json))
+    assert json.loads(summary_json.read_text())["summary"] == finished["summary"] + [
+        {"method": "ce", "seed": 1, "epochs": 200, "finished": False, "epochs_done": 3}]
+
+
 def _png_width(png):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     return int.from_bytes(png[16:20], "big")  # IHDR width

@@ -10,7 +10,8 @@ to RUN_ROOT/seed<S>/<method>, each resuming from its last checkpoint, so startin
 command again continues an interrupted reproduction; `--notrain` writes the report of what
 exists (finished runs in full, unfinished ones with their epoch) to RUN_ROOT/reproduce.{md,json},
 with the finished methods' reliability diagrams side by side in RUN_ROOT/reliability.png;
-`--summary_json=PATH` also writes the one-row-per-run summary there.
+`--summary_json=PATH` also writes the one-row-per-run summary there, keeping the finished rows
+it already holds for runs this report lacks (runs reported from another run root or machine).
 """
 
 import os
