@@ -42,7 +42,7 @@ def test_onednn_times_sums_execution_lines_per_kind():
                                             "multiply_adds": 2 * 8 * 36 * 4 * 9 + 2 * 8 * 9 * 8 * 9}
     assert times["convolution weight gradient"] == {"ms": 2.25, "calls": 1, "multiply_adds": 2 * 8 * 36 * 4 * 9}
     assert times["batch norm forward"] == {"ms": 0.25, "calls": 1, "multiply_adds": 0}
-    assert times["reorders (weights to oneDNN's layout)"]["ms"] == 0.125
+    assert times["reorders (kernels between TensorFlow's and oneDNN's layouts)"]["ms"] == 0.125
     assert times["other oneDNN (gemm_api)"]["calls"] == 1
     assert sum(v["calls"] for v in times.values()) == 6  # the create and info lines are not executions
 

@@ -45,7 +45,7 @@ PRIMITIVES = {("convolution", "forward_training"): "convolution forward",
               ("convolution", "backward_weights"): "convolution weight gradient",
               ("batch_normalization", "forward_training"): "batch norm forward",
               ("batch_normalization", "backward"): "batch norm backward",
-              ("reorder", "undef"): "reorders (weights to oneDNN's layout)"}
+              ("reorder", "undef"): "reorders (kernels between TensorFlow's and oneDNN's layouts)"}
 _CONV_SHAPE = re.compile(r"mb(\d+)_(?:g(\d+))?ic(\d+)oc(\d+)_ih\d+oh(\d+)kh(\d+)\S*?_iw\d+ow(\d+)kw(\d+)")
 
 
