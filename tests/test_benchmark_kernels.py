@@ -1,7 +1,6 @@
 """tools/benchmark_kernels.py: multiply-adds from oneDNN's shape descriptors, the sum of its
 verbose lines per primitive kind, and the measurements on tiny shapes."""
 
-import importlib.util
 import os
 import sys
 
@@ -9,9 +8,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))  # the tool imports benchmark_throughput beside it
-spec = importlib.util.spec_from_file_location("benchmark_kernels", os.path.join(REPO, "tools", "benchmark_kernels.py"))
-kernels = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(kernels)
+import benchmark_kernels as kernels  # noqa: E402
 
 VERBOSE = """\
 onednn_verbose,v1,info,oneDNN v3.7.1

@@ -78,16 +78,16 @@ def onednn_times(lines):
 
 
 def _median_seconds(function, reps, runs=7):
-    function()
-    function()  # tracing, then oneDNN's primitive creation
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
+    """Median seconds per call of `function`, over `runs` timed runs of `reps` calls after a
+    warm-up run (tracing, oneDNN's primitive creation): benchmark_throughput's timing loop."""
+    import benchmark_throughput
+
+    def calls():
         for _ in range(reps):
             out = function()
         [t.numpy() for t in out]
-        seconds.append((time.perf_counter() - start) / reps)
-    return statistics.median(seconds)
+
+    return 1 / benchmark_throughput._median_rate(calls, reps, runs)
 
 
 def convolution_rates(batch, size, channels, reps):
