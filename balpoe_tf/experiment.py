@@ -89,6 +89,48 @@ def source_commit():
     return commit if result.returncode == 0 and commit else None
 
 
+# x86 CPU features (/proc/cpuinfo flags) with which a CPU computes a mixed precision in its own
+# arithmetic. Without them TensorFlow emulates it (in oneDNN on AVX-512, through Eigen otherwise),
+# which trains slower than float32 (docs/results.md, "Beyond the same maths").
+NATIVE_CPU_FEATURES = {"mixed_bfloat16": ("avx512_bf16", "amx_bf16", "avx_ne_convert"),
+                       "mixed_float16": ("avx512_fp16", "amx_fp16", "avx_ne_convert")}
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo"):
+    """This CPU's x86 feature flags, or None where they cannot be read (not Linux, not x86).
+
+    Args:
+        cpuinfo: the file to read them from.
+
+    Returns:
+        The set of flags of the first processor listed, or None.
+    """
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def emulated_precision_warning(precision: str, has_gpu: bool, flags) -> str:
+    """A warning line when `precision` would run emulated on this machine's CPU, else "".
+
+    Args:
+        precision: the Keras precision policy of the run.
+        has_gpu: whether TensorFlow sees a GPU (then the CPU does not compute the model).
+        flags: the CPU's feature flags from `cpu_flags` (None: unknown, no warning).
+    """
+    features = NATIVE_CPU_FEATURES.get(precision)
+    if not features or has_gpu or flags is None or flags & set(features):
+        return ""
+    return (f"warning: --precision={precision} on a CPU without {', '.join(features[:-1])} or {features[-1]}: "
+            "TensorFlow emulates it, which trains slower than float32, not faster (docs/results.md, \"Beyond "
+            "the same maths\"); use --precision=float32")
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy named by --strategy."""
     if name == "auto":
@@ -144,6 +186,10 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     if not config.dry_run:
         check_run_folder(config)
     keras.mixed_precision.set_global_policy(config.precision)
+    warning = emulated_precision_warning(config.precision, bool(tf.config.list_physical_devices("GPU")),
+                                         cpu_flags())
+    if warning:
+        log(warning)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)

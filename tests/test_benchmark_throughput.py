@@ -85,3 +85,39 @@ def test_reference_compares_resnet32_only(tmp_path):
     done = subprocess.run([sys.executable, "tools/benchmark_throughput.py", f"--reference={tmp_path}",
                            "--models=resnet50x3"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode != 0 and "compares the ResNet-32 models only" in done.stderr
+
+
+def test_settings_markdown_rows():
+    measured = {"model": "resnet32x3", "batch": 128, "onednn": "1", "xla": False, "precision": "mixed_bfloat16",
+                "cpu_isa": "AVX512_CORE", "train_images_per_s": 140.71, "predict_images_per_s": 600.0,
+                "pipeline_images_per_s": 50000.0, "peak_rss_mib": 4000.2}
+    failed = {"model": "resnet32x3", "onednn": "1", "xla": False, "precision": "mixed_bfloat16", "cpu_isa": "",
+              "error": "could not create a primitive descriptor"}
+    table = benchmark.markdown([measured, failed])
+    assert "| resnet32x3 | 128 | on | off | mixed_bfloat16 | AVX512_CORE | 140.7 | 600.0 | 50000 | 4000 |" in table
+    assert "| resnet32x3 | | on | off | mixed_bfloat16 | none | failed: could not create a primitive" in table
+
+
+def test_a_failed_worker_reports_the_cause_not_the_node():
+    stderr = textwrap.dedent("""
+        I0000 oneDNN custom operations are on.
+        tensorflow.python.framework.errors_impl.AbortedError: Graph execution error:
+
+        Detected at node StatefulPartitionedCall/conv2d_1/convolution defined at (most recent call last):
+        Operation received an exception:Status: 3, message: could not create a primitive descriptor.
+        \t [[{{node StatefulPartitionedCall/conv2d_1/convolution}}]] [Op:__inference_multi_step_11685]
+    """)
+    assert benchmark._last_error_line(stderr) == ("Operation received an exception:Status: 3, message: could not "
+                                                  "create a primitive descriptor.")
+    assert benchmark._last_error_line("Killed\n") == "Killed"
+    assert benchmark._last_error_line("") == "no output"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision=float32,float64"], "--precision: give one or more of"),
+    (["--reference=.", "--cpu_isa=AVX2"], "--cpu_isa is for the per-setting benchmark"),
+])
+def test_bad_flags_are_refused(args, message):
+    done = subprocess.run([sys.executable, "tools/benchmark_throughput.py", *args], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and message in done.stderr

@@ -128,6 +128,47 @@ def test_imagenet_lt_from_tfds_dry_run(tmp_path):
     assert any(line.startswith("dry run: batch (16, 32, 32, 3)") for line in logs), logs
 
 
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert experiment.cpu_flags(str(x86)) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert experiment.cpu_flags(str(arm)) is None
+    assert experiment.cpu_flags(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("precision, has_gpu, flags, warned", [
+    ("mixed_bfloat16", False, {"avx2", "avx512f"}, True),
+    ("mixed_bfloat16", False, {"avx512f", "avx512_bf16"}, False),
+    ("mixed_bfloat16", False, {"amx_bf16"}, False),
+    ("mixed_float16", False, {"avx512f", "avx512_bf16"}, True),
+    ("mixed_float16", False, {"avx512_fp16"}, False),
+    ("mixed_float16", False, {"avx2", "avx_ne_convert"}, False),
+    ("mixed_bfloat16", True, {"avx2"}, False),  # a GPU computes the model
+    ("mixed_bfloat16", False, None, False),  # flags unknown
+    ("float32", False, {"avx2"}, False),
+])
+def test_emulated_precision_warning(precision, has_gpu, flags, warned):
+    warning = experiment.emulated_precision_warning(precision, has_gpu, flags)
+    assert bool(warning) == warned
+    if warned:
+        assert f"--precision={precision} on a CPU without" in warning and "use --precision=float32" in warning
+
+
+def test_training_warns_of_emulated_precision(monkeypatch, tmp_path):
+    monkeypatch.setattr(experiment, "cpu_flags", lambda: {"avx2", "avx512f"})
+    config = parse("--flagfile=configs/demo.flags", "--precision=mixed_bfloat16", f"--output_dir={tmp_path}",
+                   "--dry_run")
+    logs = []
+    try:
+        experiment.train(config, log=logs.append)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert logs[0].startswith("warning: --precision=mixed_bfloat16 on a CPU without avx512_bf16, amx_bf16 or "
+                              "avx_ne_convert: TensorFlow emulates it")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("group", sorted(set(CONFIG_GROUPS) - set(LARGE_SCALE)))
 def test_config_files_build_their_run(group, monkeypatch, tmp_path):

@@ -1,12 +1,15 @@
-"""Training and inference throughput on this machine's CPU: for each setting of oneDNN and
-XLA, or paired with the official PyTorch code.
+"""Training and inference throughput on this machine's CPU: for each setting of oneDNN,
+XLA, precision and oneDNN instruction set, or paired with the official PyTorch code.
 
-    python tools/benchmark_throughput.py [--models=resnet32x3,resnet32x1,resnet50x3] [--runs=5]
+    python tools/benchmark_throughput.py [--models=resnet32x3,resnet32x1,resnet50x3] [--runs=5] \
+        [--precision=float32,mixed_bfloat16] [--cpu_isa=,AVX512_CORE]
     python tools/benchmark_throughput.py --reference=CHECKOUT --reference_python=TORCH_PYTHON \
         [--models=resnet32x3,resnet32x1] [--pairs=5] [--steps=5]
 
-Each (model, oneDNN, XLA) setting runs in its own process (TensorFlow reads
-TF_ENABLE_ONEDNN_OPTS once, at import): after a warm-up, `--runs` timed runs of
+Each (model, oneDNN, XLA, precision, instruction set) setting runs in its own process
+(TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import; `--cpu_isa` sets oneDNN's
+ONEDNN_MAX_CPU_ISA, which caps the instructions it uses, to see how a precision runs on a CPU
+without this one's newer extensions; empty: no cap): after a warm-up, `--runs` timed runs of
 `--steps` training steps (forward, backward, update, mixup on; timed between step
 ends within one `fit`) and of `--steps` predictions; the median is reported, with
 peak resident memory and, for the CIFAR models, the input pipeline alone
@@ -53,8 +56,13 @@ flags.DEFINE_bool("interactive", False, "Internal: the worker answers train/pred
 flags.DEFINE_string("reference", "", "Checkout of the official code: measure it and ours in pairs.")
 flags.DEFINE_string("reference_python", "python", "Python interpreter with PyTorch, for --reference.")
 flags.DEFINE_integer("pairs", 5, "Alternating pairs with --reference.")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
-                  "Keras precision policy of our side with --reference (the official code runs float32).")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+flags.DEFINE_list("precision", ["float32"], f"Keras precision policies to measure, of {PRECISIONS}; with "
+                  "--reference, of our side (the official code runs float32).")
+flags.register_validator("precision", lambda values: bool(values) and set(values) <= set(PRECISIONS),
+                         f"--precision: give one or more of {PRECISIONS}, comma-separated")
+flags.DEFINE_list("cpu_isa", [""], "ONEDNN_MAX_CPU_ISA values to compare (empty: no cap), e.g. AVX512_CORE, "
+                  "AVX2; not with --reference.")
 FLAGS = flags.FLAGS
 
 OFFICIAL_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -101,18 +109,22 @@ def _build(name, xla):
     return model, rng.rand(batch, size, size, 3).astype("float32"), rng.randint(0, classes, batch)
 
 
-def measure(name, xla, runs, steps):
+def measure(name, xla, runs, steps, precision="float32"):
     import numpy as np
     import tensorflow as tf
+
+    import keras
 
     from balpoe_tf import data as lt_data
     from balpoe_tf import models
 
+    keras.mixed_precision.set_global_policy(precision)
     model, x, y = _build(name, xla)
     backbone, experts, batch, size, classes = MODELS[name]
     ds = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     result = {"model": name, "backbone": backbone, "experts": experts, "batch": batch,
-              "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": bool(xla)}
+              "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "xla": bool(xla), "precision": precision,
+              "cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
     result["train_images_per_s"] = _median_train_rate(model, ds, batch, runs, steps)
     forward = models.forward_function(model, jit_compile=bool(xla))
     images = tf.constant(x)
@@ -292,16 +304,26 @@ def paired_markdown(rows):
     return "\n".join(lines) + f"\n\nfloat32 matmul peak (2048 x 2048, TensorFlow): {peak / 1e9:.0f} GMAC/s\n"
 
 
+def _last_error_line(stderr):
+    """The line of a failed worker's stderr that says what failed: TensorFlow's graph errors end
+    with node names, after the line that gives the cause."""
+    lines = stderr.strip().splitlines() or ["no output"]
+    causes = [line.strip() for line in lines if "error" in line.lower() or "exception" in line]
+    return (causes or lines)[-1]
+
+
 def markdown(rows):
-    lines = ["| model | batch | oneDNN | XLA | train img/s | predict img/s | pipeline img/s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | oneDNN | XLA | precision | oneDNN ISA cap | train img/s | predict img/s | "
+             "pipeline img/s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        setting = (f"{'on' if r['onednn'] == '1' else 'off'} | {'on' if r['xla'] else 'off'} | "
+                   f"{r['precision']} | {r['cpu_isa'] or 'none'}")
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['onednn']} | {r['xla']} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {r['model']} | | {setting} | failed: {r['error'][:160]} | | | |")
             continue
         pipeline = f"{r['pipeline_images_per_s']:.0f}" if "pipeline_images_per_s" in r else "n/a"
-        lines.append(f"| {r['model']} | {r['batch']} | {'on' if r['onednn'] == '1' else 'off'} | "
-                     f"{'on' if r['xla'] else 'off'} | {r['train_images_per_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {setting} | {r['train_images_per_s']:.1f} | "
                      f"{r['predict_images_per_s']:.1f} | {pipeline} | {r['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -325,11 +347,13 @@ def main(argv):
     if FLAGS.worker:
         name, xla = FLAGS.worker.split(",")
         if FLAGS.interactive:
-            serve_requests(name, int(xla), FLAGS.steps, FLAGS.precision)
+            serve_requests(name, int(xla), FLAGS.steps, FLAGS.precision[0])
         else:
-            print("RESULT " + json.dumps(measure(name, int(xla), FLAGS.runs, FLAGS.steps)))
+            print("RESULT " + json.dumps(measure(name, int(xla), FLAGS.runs, FLAGS.steps, FLAGS.precision[0])))
         return
     if FLAGS.reference:
+        if FLAGS["cpu_isa"].present:
+            sys.exit("error: --cpu_isa is for the per-setting benchmark, not with --reference")
         if not os.path.isfile(os.path.join(FLAGS.reference, "model", "model.py")):
             sys.exit(f"error: --reference={FLAGS.reference}: not a checkout of emasa/BalPoE-CalibratedLT "
                      "(no model/model.py); clone it and pass its folder")
@@ -341,24 +365,29 @@ def main(argv):
             sys.exit(f"error: --models={','.join(names)}: --reference compares the ResNet-32 models only "
                      "(the official worker builds its ResNet32Model)")
         for name in names:
-            rows.append(paired(name, FLAGS.reference, FLAGS.reference_python, FLAGS.pairs, FLAGS.steps,
-                               FLAGS.precision))
-            print(json.dumps(rows[-1]), flush=True)
+            for precision in FLAGS.precision:
+                rows.append(paired(name, FLAGS.reference, FLAGS.reference_python, FLAGS.pairs, FLAGS.steps,
+                                   precision))
+                print(json.dumps(rows[-1]), flush=True)
         _write(rows, paired_markdown(rows))
         return
     rows = []
-    for name in FLAGS.models:
-        for onednn in FLAGS.onednn:
-            for xla in FLAGS.xla:
-                env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3")
-                done = subprocess.run([sys.executable, __file__, f"--worker={name},{xla}", f"--runs={FLAGS.runs}",
-                                       f"--steps={FLAGS.steps}"], env=env, capture_output=True, text=True)
-                found = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                row = json.loads(found[0]) if found else {
-                    "model": name, "onednn": onednn, "xla": xla == "1",
-                    "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    settings = [(name, onednn, xla, precision, isa) for name in FLAGS.models for onednn in FLAGS.onednn
+                for xla in FLAGS.xla for precision in FLAGS.precision for isa in FLAGS.cpu_isa]
+    for name, onednn, xla, precision, isa in settings:
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("ONEDNN_MAX_CPU_ISA", None)
+        if isa:
+            env["ONEDNN_MAX_CPU_ISA"] = isa
+        done = subprocess.run([sys.executable, __file__, f"--worker={name},{xla}", f"--runs={FLAGS.runs}",
+                               f"--steps={FLAGS.steps}", f"--precision={precision}"],
+                              env=env, capture_output=True, text=True)
+        found = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        row = json.loads(found[0]) if found else {
+            "model": name, "onednn": onednn, "xla": xla == "1", "precision": precision, "cpu_isa": isa,
+            "error": _last_error_line(done.stderr)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     _write(rows, markdown(rows))
 
 
