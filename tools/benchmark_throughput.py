@@ -8,12 +8,12 @@ XLA, precision and oneDNN instruction set, or paired with the official PyTorch c
 
 Each (model, oneDNN, XLA, precision, instruction set) setting runs in its own process
 (TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, at import; `--cpu_isa` sets oneDNN's
-ONEDNN_MAX_CPU_ISA, which caps the instructions it uses, to see how a precision runs on a CPU
-without this one's newer extensions; empty: no cap): after a warm-up, `--runs` timed runs of
-`--steps` training steps (forward, backward, update, mixup on; timed between step
-ends within one `fit`) and of `--steps` predictions; the median is reported, with
-peak resident memory and, for the CIFAR models, the input pipeline alone
-(augmentation included). Writes JSON and a Markdown table next to it.
+ONEDNN_MAX_CPU_ISA, which caps the instructions it uses, to see how a precision runs on a
+CPU without this one's newer extensions; empty: the environment's, by default no cap):
+after a warm-up, `--runs` timed runs of `--steps` training steps (forward, backward,
+update, mixup on; timed between step ends within one `fit`) and of `--steps` predictions;
+the median is reported, with peak resident memory and, for the CIFAR models, the input
+pipeline alone (augmentation included). Writes JSON and a Markdown table next to it.
 
 With `--reference` (a checkout of emasa/BalPoE-CalibratedLT, run by a Python that has
 PyTorch; PyTorch is not a dependency of balpoe_tf), this implementation and the official
@@ -61,8 +61,8 @@ flags.DEFINE_list("precision", ["float32"], f"Keras precision policies to measur
                   "--reference, of our side (the official code runs float32).")
 flags.register_validator("precision", lambda values: bool(values) and set(values) <= set(PRECISIONS),
                          f"--precision: give one or more of {PRECISIONS}, comma-separated")
-flags.DEFINE_list("cpu_isa", [""], "ONEDNN_MAX_CPU_ISA values to compare (empty: no cap), e.g. AVX512_CORE, "
-                  "AVX2; not with --reference.")
+flags.DEFINE_list("cpu_isa", [""], "ONEDNN_MAX_CPU_ISA values to compare, e.g. AVX512_CORE, AVX2 (empty: "
+                  "the environment's, by default none); not with --reference.")
 FLAGS = flags.FLAGS
 
 OFFICIAL_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -376,7 +376,6 @@ def main(argv):
                 for xla in FLAGS.xla for precision in FLAGS.precision for isa in FLAGS.cpu_isa]
     for name, onednn, xla, precision, isa in settings:
         env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3")
-        env.pop("ONEDNN_MAX_CPU_ISA", None)
         if isa:
             env["ONEDNN_MAX_CPU_ISA"] = isa
         done = subprocess.run([sys.executable, __file__, f"--worker={name},{xla}", f"--runs={FLAGS.runs}",
@@ -384,7 +383,8 @@ def main(argv):
                               env=env, capture_output=True, text=True)
         found = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         row = json.loads(found[0]) if found else {
-            "model": name, "onednn": onednn, "xla": xla == "1", "precision": precision, "cpu_isa": isa,
+            "model": name, "onednn": onednn, "xla": xla == "1", "precision": precision,
+            "cpu_isa": env.get("ONEDNN_MAX_CPU_ISA", ""),
             "error": _last_error_line(done.stderr)}
         rows.append(row)
         print(json.dumps(row), flush=True)
