@@ -90,6 +90,15 @@ def test_model_loss_and_optimizer_round_trip(tmp_path):
                                   loss(y, expected["expert_logits"]))
 
 
+def test_uncompiled_model_round_trips(tmp_path):
+    model = models.BalPoEModel(5, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
+    x = _images(2, 8, 8, 3)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert not loaded.compiled
+    np.testing.assert_array_equal(loaded(x, training=False)["logits"], model(x, training=False)["logits"])
+
+
 def test_loss_round_trips():
     loss = losses.LogitAdjustedLoss([40, 10, 1], [1.0, 0.0, -1.0], target_mean_lambda=0.0)
     clone = losses.LogitAdjustedLoss.from_config(loss.get_config())

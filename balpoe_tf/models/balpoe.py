@@ -116,6 +116,8 @@ class BalPoEModel(keras.Model):
                 self.optimizer.build(self.trainable_variables)
 
     def get_compile_config(self):
+        if not self.compiled:
+            return None  # saved as architecture and weights, as Keras saves any uncompiled model
         return {"optimizer": keras.saving.serialize_keras_object(self.optimizer),
                 "loss": keras.saving.serialize_keras_object(self.balpoe_loss),
                 "mixup_alpha": self.mixup_alpha, "seed": self.mixup_seed}
