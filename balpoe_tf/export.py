@@ -28,8 +28,9 @@ import tensorflow as tf
 
 from balpoe_tf import data as lt_data
 from balpoe_tf import label_shift
-from balpoe_tf.config import NON_EMPTY, at_least, config_field, greater_than, validate
+from balpoe_tf.config import NON_EMPTY, at_least, config_field, greater_than, one_of, validate
 from balpoe_tf.data import PRIOR_FLOOR
+from balpoe_tf.run_config import PRECISIONS
 from balpoe_tf.run_folder import load_run
 
 # Classes and training prior of an export, in its assets.extra folder.
@@ -167,7 +168,7 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
     with open(os.path.join(path, "assets.extra", METADATA_NAME), "w") as f:
         json.dump({"class_names": [str(n) for n in class_names], "train_counts": [int(c) for c in train_counts],
                    "mean_lambda": float(mean_lambda), "image_shape": list(model.image_shape),
-                   "test_crop": float(test_crop),
+                   "test_crop": float(test_crop), "precision": model.dtype_policy.name,
                    "calibration": None if calibration is None else calibration.to_dict()}, f, indent=1)
     return path
 
@@ -194,15 +195,19 @@ class ExportConfig:
     max_image_megapixels: float = config_field(MAX_IMAGE_PIXELS / 1e6, "Image-bytes signatures refuse larger "
                                                "images (read from the header, before decoding).",
                                                greater_than(0))
+    precision: str = config_field("", "Precision the SavedModel computes in (default: the run's --precision). "
+                                  "float32 serves at full speed on any CPU; a mixed precision only where the "
+                                  "CPU has its instructions (docs/results.md).", one_of(("",) + PRECISIONS))
 
     def __post_init__(self):
         validate(self)
 
 
 def export_from_config(config: ExportConfig, log=print) -> str:
-    model, record = load_run(config.run_dir)
+    model, record = load_run(config.run_dir, config.precision)
     holdout = label_shift.load_holdout(config.run_dir)
     path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k,
                       int(config.max_image_megapixels * 1e6), None if holdout is None else holdout.calibration)
-    log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)})")
+    log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)}; computes in "
+        f"{model.dtype_policy.name})")
     return path

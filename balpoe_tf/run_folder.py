@@ -41,13 +41,25 @@ def latest_checkpoint(output_dir: str):
 UNREADABLE_SUFFIX = ".unreadable"
 
 
-def load_model_file(path: str):
-    """A saved Keras model; a file that cannot be read raises `RunError` naming it."""
+def load_model_file(path: str, precision: str = ""):
+    """A saved Keras model; a file that cannot be read raises `RunError` naming it.
+
+    Args:
+        path: the .keras file.
+        precision: the Keras precision policy the model computes in (default: the global
+            one). A saved `BalPoEModel` does not record it: its layers take the policy in
+            force when they are made.
+    """
+    previous = keras.mixed_precision.global_policy()
+    if precision:
+        keras.mixed_precision.set_global_policy(precision)
     try:
         return keras.saving.load_model(path)
     except Exception as e:  # Keras reports a damaged zip as many error types, some misleading
         raise RunError(f"{path} is not a readable Keras model ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else 'no details'})") from e
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print):
@@ -98,8 +110,11 @@ def check_run_folder(config: RunConfig):
                        f"(--flagfile={os.path.join(config.output_dir, 'flags.txt')}) to resume it")
 
 
-def load_run(run_dir: str):
-    """(model, saved run record) of a run folder made by tools/train.py."""
+def load_run(run_dir: str, precision: str = ""):
+    """(model, saved run record) of a run folder made by tools/train.py.
+
+    The model computes in `precision`, by default the run's `--precision`: the one its final
+    evaluation and export used, so that evaluating it again gives the same numbers."""
     record_path = os.path.join(run_dir, "config.json")
     model_path = os.path.join(run_dir, "model.keras")
     if not os.path.isfile(model_path):
@@ -109,7 +124,7 @@ def load_run(run_dir: str):
                        "config.json: pass the --output_dir of a tools/train.py run")
     with open(record_path) as f:
         record = json.load(f)
-    return load_model_file(model_path), record
+    return load_model_file(model_path, precision or record["config"].get("precision", "float32")), record
 
 
 def save_atomic(model, path):

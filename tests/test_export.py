@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -163,6 +164,45 @@ def test_saved_model_cli_lists_the_signatures(run):
 def test_export_tool_errors(tmp_path):
     with pytest.raises(RunError, match="holds no trained model"):
         export.export_from_config(export.ExportConfig(run_dir=str(tmp_path)))
+
+
+def _untrained_run(run_dir, precision):
+    """A run folder as tools/train.py leaves one (model.keras and config.json), untrained."""
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = models.BalPoEModel(10, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.save(run_dir / "model.keras")
+    record = {"config": {"precision": precision, "lambdas": [1.0, -1.0]},
+              "data": {"mean": list(lt_data.CIFAR_MEAN), "std": list(lt_data.CIFAR_STD),
+                       "class_names": [str(c) for c in range(10)], "train_counts": [10] * 10}}
+    (run_dir / "config.json").write_text(json.dumps(record))
+    return model
+
+
+def test_a_run_loads_and_exports_in_its_precision_unless_told(tmp_path):
+    trained = _untrained_run(tmp_path, "mixed_bfloat16")
+    images = np.random.RandomState(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
+    model, _ = run_folder.load_run(str(tmp_path))
+    assert model.dtype_policy.name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after loading
+    np.testing.assert_array_equal(model(images, training=False)["logits"], trained(images, training=False)["logits"])
+    as_float32, _ = run_folder.load_run(str(tmp_path), "float32")
+    assert as_float32.dtype_policy.name == "float32"
+    bf16_logits, float32_logits = (m(images, training=False)["logits"].numpy() for m in (model, as_float32))
+    assert np.abs(bf16_logits - float32_logits).max() > 1e-2  # bfloat16 rounding shows at this scale
+
+    for precision, compute in (("", "bfloat16"), ("float32", "float32")):
+        path = export.export_from_config(export.ExportConfig(run_dir=str(tmp_path), precision=precision),
+                                         log=lambda line: None)
+        with open(os.path.join(path, "assets.extra", export.METADATA_NAME)) as f:
+            assert json.load(f)["precision"] == (precision or "mixed_bfloat16")
+        serve = tf.saved_model.load(path).signatures["predict_tensor"]
+        library = serve.graph.as_graph_def().library.function
+        assert {tf.as_dtype(node.attr["T"].type).name for function in library for node in function.node_def
+                if node.op == "Conv2D"} == {compute}
+    np.testing.assert_allclose(serve(images=images)["logits"], float32_logits, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
