@@ -181,6 +181,7 @@ def _untrained_run(run_dir, precision):
     return model
 
 
+@pytest.mark.slow
 def test_a_run_loads_and_exports_in_its_precision_unless_told(tmp_path):
     trained = _untrained_run(tmp_path, "mixed_bfloat16")
     images = np.random.RandomState(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
