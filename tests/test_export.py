@@ -183,12 +183,12 @@ def _untrained_run(run_dir, precision):
 
 @pytest.mark.slow
 def test_a_run_loads_and_exports_in_its_precision_unless_told(tmp_path):
-    trained = _untrained_run(tmp_path, "mixed_bfloat16")
+    saved = _untrained_run(tmp_path, "mixed_bfloat16")
     images = np.random.RandomState(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
     model, _ = run_folder.load_run(str(tmp_path))
     assert model.dtype_policy.name == "mixed_bfloat16"
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after loading
-    np.testing.assert_array_equal(model(images, training=False)["logits"], trained(images, training=False)["logits"])
+    np.testing.assert_array_equal(model(images, training=False)["logits"], saved(images, training=False)["logits"])
     as_float32, _ = run_folder.load_run(str(tmp_path), "float32")
     assert as_float32.dtype_policy.name == "float32"
     bf16_logits, float32_logits = (m(images, training=False)["logits"].numpy() for m in (model, as_float32))
