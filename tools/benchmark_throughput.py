@@ -56,6 +56,7 @@ flags.DEFINE_bool("interactive", False, "Internal: the worker answers train/pred
 flags.DEFINE_string("reference", "", "Checkout of the official code: measure it and ours in pairs.")
 flags.DEFINE_string("reference_python", "python", "Python interpreter with PyTorch, for --reference.")
 flags.DEFINE_integer("pairs", 5, "Alternating pairs with --reference.")
+# balpoe_tf.run_config.PRECISIONS, not imported: this parent process stays free of TensorFlow.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 flags.DEFINE_list("precision", ["float32"], f"Keras precision policies to measure, of {PRECISIONS}; with "
                   "--reference, of our side (the official code runs float32).")
@@ -93,13 +94,17 @@ def _median_train_rate(model, ds, batch, runs, steps):
     return statistics.median(steps * batch / (ends[(r + 1) * steps] - ends[r * steps]) for r in range(runs))
 
 
-def _build(name, xla):
-    """The model of `name`, compiled as training compiles it, and one random batch."""
+def _build(name, xla, precision="float32"):
+    """The model of `name` in the Keras precision policy `precision`, compiled as training
+    compiles it, and one random batch."""
     import balpoe_tf  # noqa: F401  (after the parent set TF_ENABLE_ONEDNN_OPTS)
     import numpy as np
 
+    import keras
+
     from balpoe_tf import losses, models, training
 
+    keras.mixed_precision.set_global_policy(precision)
     backbone, experts, batch, size, classes = MODELS[name]
     rng = np.random.RandomState(0)
     model = models.BalPoEModel(classes, experts, backbone, input_shape=(size, size, 3))
@@ -113,13 +118,10 @@ def measure(name, xla, runs, steps, precision="float32"):
     import numpy as np
     import tensorflow as tf
 
-    import keras
-
     from balpoe_tf import data as lt_data
     from balpoe_tf import models
 
-    keras.mixed_precision.set_global_policy(precision)
-    model, x, y = _build(name, xla)
+    model, x, y = _build(name, xla, precision)
     backbone, experts, batch, size, classes = MODELS[name]
     ds = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     result = {"model": name, "backbone": backbone, "experts": experts, "batch": batch,
@@ -175,12 +177,9 @@ def serve_requests(name, xla, steps, precision="float32"):
 
     import tensorflow as tf
 
-    import keras
-
     from balpoe_tf import export, models
 
-    keras.mixed_precision.set_global_policy(precision)
-    model, x, y = _build(name, xla)
+    model, x, y = _build(name, xla, precision)
     batch, classes = MODELS[name][2], MODELS[name][4]
     model.make_train_function()
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
