@@ -17,7 +17,8 @@ from balpoe_tf.callbacks import BalPoETensorBoard, DivergenceGuard, EpochCheckpo
 from balpoe_tf.config import RunError
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
 from balpoe_tf.run_config import baseline_config, config_to_flags, load_data, RUN_CONTROL, RunConfig, STRATEGIES
-from balpoe_tf.run_folder import check_run_folder, config_path, load_latest_checkpoint
+from balpoe_tf.run_folder import (check_run_folder, config_path, load_latest_checkpoint, load_model_file,
+                                  resumed_run_settings)
 
 
 def make_schedule(config: RunConfig, steps_per_epoch: int):
@@ -131,6 +132,53 @@ def emulated_precision_warning(precision: str, has_gpu: bool, flags) -> str:
             "the same maths\"); use --precision=float32")
 
 
+# The CPU features with which bfloat16 trains faster than float32: measured with AVX512-BF16
+# (docs/results.md); AMX-BF16 adds bfloat16 matrix units. AVX-NE-CONVERT only converts to and
+# from bfloat16, so auto leaves such CPUs in float32.
+AUTO_BFLOAT16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def gpu_capabilities() -> list:
+    """The CUDA compute capability `(major, minor)` of each GPU TensorFlow sees (None where
+    a GPU does not report one); [] without a GPU."""
+    return [tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            for gpu in tf.config.list_physical_devices("GPU")]
+
+
+def resolve_precision(precision: str, gpus: list, flags) -> str:
+    """The precision `--precision=auto` stands for on this machine; other values unchanged.
+
+    auto is mixed_bfloat16 where the hardware computes bfloat16 natively: GPUs that all have
+    compute capability 8.0 or more (Ampere and later) or, without a GPU, a CPU with one of
+    `AUTO_BFLOAT16_CPU_FEATURES`. Elsewhere bfloat16 would be emulated and slower, so auto is
+    float32.
+
+    Args:
+        precision: the --precision setting.
+        gpus: `gpu_capabilities()`.
+        flags: the CPU's feature flags from `cpu_flags` (None: unknown, so float32).
+
+    Returns:
+        A Keras precision policy name.
+    """
+    if precision != "auto":
+        return precision
+    if gpus:
+        native = all(capability is not None and tuple(capability) >= (8, 0) for capability in gpus)
+    else:
+        native = flags is not None and bool(flags & set(AUTO_BFLOAT16_CPU_FEATURES))
+    return "mixed_bfloat16" if native else "float32"
+
+
+def run_precision(config: RunConfig, gpus: list, flags) -> str:
+    """The precision a run computes in: `resolve_precision`, except that auto resumes a run in
+    the precision it started with, so that it continues the same run on another machine too."""
+    saved = None if config.precision != "auto" or config.dry_run else resumed_run_settings(config.output_dir)
+    if saved is not None:
+        return saved.get("precision", "float32")
+    return resolve_precision(config.precision, gpus, flags)
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """The tf.distribute strategy named by --strategy."""
     if name == "auto":
@@ -183,13 +231,21 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     """
     strategy = make_strategy(config.strategy)  # first: collectives must precede other TF work
     config = _worker_config(config, strategy)
+    gpus, flags = gpu_capabilities(), cpu_flags()
+    if config.precision == "auto":
+        config = dataclasses.replace(config, precision=run_precision(config, gpus, flags))
+        log(f"precision {config.precision} (--precision=auto)")
     if not config.dry_run:
         check_run_folder(config)
-    keras.mixed_precision.set_global_policy(config.precision)
-    warning = emulated_precision_warning(config.precision, bool(tf.config.list_physical_devices("GPU")),
-                                         cpu_flags())
+    warning = emulated_precision_warning(config.precision, bool(gpus), flags)
     if warning:
         log(warning)
+    with models.precision_policy(config.precision):
+        return _train_in_precision(config, strategy, log)
+
+
+def _train_in_precision(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[str], None]) -> dict:
+    """`train` once the run's precision is resolved and in force."""
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
@@ -244,7 +300,8 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
     with open(os.path.join(config.output_dir, "reliability_diagram.png"), "wb") as f:
         f.write(reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),
                                         data.name))
-    model.save(os.path.join(config.output_dir, "model.keras"))
+    model_path = os.path.join(config.output_dir, "model.keras")
+    model.save(model_path)
     write_json(os.path.join(config.output_dir, "results.json"), {"epochs": config.epochs, "test": results})
     log(f"done: {config.output_dir}/model.keras, results.json")
     calibration = None
@@ -254,8 +311,11 @@ def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
             f"held-out NLL {calibration.nll_before:.3f} -> {calibration.nll_after:.3f} "
             f"({label_shift.CALIBRATION_FILE})")
     if config.export:
-        path = export.export_run(model, record, os.path.join(config.output_dir, "export"), calibration=calibration)
-        log(f"SavedModel for TF Serving: {path}")
+        # A SavedModel is served on other machines, where bfloat16 may be emulated: it computes in
+        # float32 unless tools/export.py --precision says otherwise.
+        served = model if config.precision == "float32" else load_model_file(model_path, "float32")
+        path = export.export_run(served, record, os.path.join(config.output_dir, "export"), calibration=calibration)
+        log(f"SavedModel for TF Serving: {path} (computes in float32)")
     return results
 
 

@@ -195,9 +195,11 @@ class ExportConfig:
     max_image_megapixels: float = config_field(MAX_IMAGE_PIXELS / 1e6, "Image-bytes signatures refuse larger "
                                                "images (read from the header, before decoding).",
                                                greater_than(0))
-    precision: str = config_field("", "Precision the SavedModel computes in (default: the run's --precision). "
-                                  "float32 serves at full speed on any CPU; a mixed precision only where the "
-                                  "CPU has its instructions (docs/results.md).", one_of(("",) + PRECISIONS))
+    precision: str = config_field("float32", "Precision the SavedModel computes in, whatever the run trained in. "
+                                             "float32 serves at full speed on any CPU; mixed_bfloat16 is faster "
+                                             "only where the serving CPU has AVX512-BF16 or AMX, or the GPU has "
+                                             "compute capability 8.0 or more (docs/results.md).",
+                                  one_of(PRECISIONS))
 
     def __post_init__(self):
         validate(self)

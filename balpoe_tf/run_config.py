@@ -90,7 +90,11 @@ class RunConfig:
                                             "a different mean of --lambdas warns.", FINITE)
     scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).",
                                 greater_than(0))
-    precision: str = config_field("float32", "Compute precision (the loss stays float32).", one_of(PRECISIONS))
+    precision: str = config_field("auto", "Compute precision (the classifier and the loss stay float32). auto: "
+                                          "mixed_bfloat16 where the hardware computes bfloat16 natively (a CPU "
+                                          "with AVX512-BF16 or AMX, a GPU of compute capability 8.0 or more), "
+                                          "else float32; a resumed run keeps the precision it started with.",
+                                  one_of(("auto",) + PRECISIONS))
     strategy: str = config_field("auto", "tf.distribute strategy: auto (MirroredStrategy over all GPUs "
                                          "when there are several), mirrored, multi_worker (from TF_CONFIG) "
                                          "or none.", one_of(STRATEGIES))

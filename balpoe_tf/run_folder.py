@@ -13,6 +13,7 @@ import keras
 # Imported for their Keras registrations: a saved model names its loss, optimizer and schedules.
 from balpoe_tf import losses, training  # noqa: F401
 from balpoe_tf.config import RunError
+from balpoe_tf.models import precision_policy
 from balpoe_tf.run_config import RUN_CONTROL, RunConfig
 
 
@@ -50,16 +51,12 @@ def load_model_file(path: str, precision: str = ""):
             one). A saved `BalPoEModel` does not record it: its layers take the policy in
             force when they are made.
     """
-    previous = keras.mixed_precision.global_policy()
-    if precision:
-        keras.mixed_precision.set_global_policy(precision)
-    try:
-        return keras.saving.load_model(path)
-    except Exception as e:  # Keras reports a damaged zip as many error types, some misleading
-        raise RunError(f"{path} is not a readable Keras model ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else 'no details'})") from e
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    with precision_policy(precision):
+        try:
+            return keras.saving.load_model(path)
+        except Exception as e:  # Keras reports a damaged zip as many error types, some misleading
+            raise RunError(f"{path} is not a readable Keras model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else 'no details'})") from e
 
 
 def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print):
@@ -88,20 +85,30 @@ def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print):
     return 0, None
 
 
-def check_run_folder(config: RunConfig):
-    """Fail if the run folder holds another run's checkpoint that this config cannot resume."""
-    _, checkpoint = latest_checkpoint(config.output_dir)
+def resumed_run_settings(output_dir: str):
+    """The settings (config.json's "config") of the run whose checkpoint `output_dir` holds,
+    or None when it holds no checkpoint: a run started there is a new one."""
+    _, checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
-        return
-    path = config_path(config.output_dir)
+        return None
+    path = config_path(output_dir)
     if not os.path.isfile(path):
-        raise RunError(f"{config.output_dir} holds checkpoint {checkpoint} but no config.json, so it "
+        raise RunError(f"{output_dir} holds checkpoint {checkpoint} but no config.json, so it "
                        "cannot be resumed safely: use a new --output_dir or delete the folder")
     with open(path) as f:
-        saved = json.load(f)["config"]
+        return json.load(f)["config"]
+
+
+def check_run_folder(config: RunConfig):
+    """Fail if the run folder holds another run's checkpoint that this config cannot resume."""
+    saved = resumed_run_settings(config.output_dir)
+    if saved is None:
+        return
+    # A setting added after the run was saved had its default then (float32 for the precision).
+    saved = {**dataclasses.asdict(RunConfig()), "precision": "float32", **saved}
     current = dataclasses.asdict(config)
-    # A setting added after the run was saved had its default then.
-    saved = {**dataclasses.asdict(RunConfig()), **saved}
+    if current["precision"] == "auto":  # auto resumes a run in the precision it started with
+        current["precision"] = saved["precision"]
     diffs = [f"--{k}: saved {saved[k]!r}, now {current[k]!r}" for k in current
              if k not in RUN_CONTROL and saved[k] != current[k]]
     if diffs:

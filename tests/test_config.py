@@ -66,7 +66,7 @@ BAD_VALUES = [
     (run_config.RunConfig, ["--augment=mixup"], "--augment=mixup: must be one of cifar, autoaugment"),
     (run_config.RunConfig, ["--backbone=resnet18"], "--backbone=resnet18: must be one of"),
     (run_config.RunConfig, ["--schedule=linear"], "--schedule=linear: must be one of step, cosine"),
-    (run_config.RunConfig, ["--precision=float16"], "--precision=float16: must be one of float32"),
+    (run_config.RunConfig, ["--precision=float16"], "--precision=float16: must be one of auto, float32"),
     (run_config.RunConfig, ["--strategy=tpu"], "--strategy=tpu: must be one of auto, mirrored"),
     (run_config.RunConfig, ["--bad_images=ignore"], "--bad_images=ignore: must be one of fail, skip"),
     (run_config.RunConfig, ["--compare=ce,xx"], "--compare=ce,xx: must be a list of values each one of ce, bs"),

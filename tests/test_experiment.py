@@ -156,15 +156,45 @@ def test_emulated_precision_warning(precision, has_gpu, flags, warned):
         assert f"--precision={precision} on a CPU without" in warning and "use --precision=float32" in warning
 
 
+@pytest.mark.parametrize("gpus, flags, resolved", [
+    ([], {"avx2", "avx512f", "avx512_bf16"}, "mixed_bfloat16"),  # Zen 4/5, Cooper Lake and later Xeons
+    ([], {"avx512f", "amx_bf16"}, "mixed_bfloat16"),
+    ([], {"avx2", "avx512f"}, "float32"),  # bfloat16 emulated: 0.42x float32 (docs/results.md)
+    ([], {"avx2", "avx_ne_convert"}, "float32"),  # converts bfloat16 but does not compute it
+    ([], None, "float32"),  # flags unknown (not Linux, not x86)
+    ([(8, 0), (9, 0)], {"avx2"}, "mixed_bfloat16"),  # the GPUs compute the model, whatever the CPU
+    ([(8, 0), (7, 5)], {"avx512_bf16"}, "float32"),  # one Turing GPU: every replica must be native
+    ([None], {"avx512_bf16"}, "float32"),  # a GPU that reports no compute capability
+])
+def test_auto_precision_is_bfloat16_only_where_the_hardware_computes_it(gpus, flags, resolved):
+    assert experiment.resolve_precision("auto", gpus, flags) == resolved
+    for precision in run_config.PRECISIONS:
+        assert experiment.resolve_precision(precision, gpus, flags) == precision
+
+
+def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path):
+    bf16_cpu, older_cpu = {"avx512_bf16"}, {"avx512f"}
+    config = parse("--flagfile=configs/demo.flags", f"--output_dir={tmp_path}")
+    assert config.precision == "auto"
+    assert experiment.run_precision(config, [], older_cpu) == "float32"  # a new run
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "epoch_0001.keras").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"precision": "mixed_bfloat16"}}))
+    assert experiment.run_precision(config, [], older_cpu) == "mixed_bfloat16"
+    explicit = dataclasses.replace(config, precision="float32")
+    assert experiment.run_precision(explicit, [], bf16_cpu) == "float32"  # check_run_folder then refuses it
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(RunError, match="but no config.json"):
+        experiment.run_precision(config, [], bf16_cpu)
+
+
 def test_training_warns_of_emulated_precision(monkeypatch, tmp_path):
     monkeypatch.setattr(experiment, "cpu_flags", lambda: {"avx2", "avx512f"})
     config = parse("--flagfile=configs/demo.flags", "--precision=mixed_bfloat16", f"--output_dir={tmp_path}",
                    "--dry_run")
     logs = []
-    try:
-        experiment.train(config, log=logs.append)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    experiment.train(config, log=logs.append)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
     assert logs[0].startswith("warning: --precision=mixed_bfloat16 on a CPU without avx512_bf16, amx_bf16 or "
                               "avx_ne_convert: TensorFlow emulates it")
 
@@ -261,6 +291,11 @@ def test_train_cli_end_to_end(tmp_path):
         assert (out / name).exists(), name
     record = json.loads((out / "config.json").read_text())
     assert record["lr_by_epoch"] == pytest.approx([0.05, 0.1, 0.1])
+    # --precision=auto is recorded as what it resolved to; the SavedModel computes in float32.
+    auto = experiment.resolve_precision("auto", experiment.gpu_capabilities(), experiment.cpu_flags())
+    assert record["config"]["precision"] == auto and f"precision {auto} (--precision=auto)" in result.stdout
+    (version,) = glob.glob(str(out / "export" / "*"))
+    assert json.loads((Path(version) / "assets.extra" / "balpoe_tf.json").read_text())["precision"] == "float32"
     assert record["config"]["lambdas"] == [1.0, 0.0, -1.0]
     results = _strict_loads((out / "results.json").read_text())["test"]
     assert 0.0 <= results["accuracy"] <= 1.0 and "few_accuracy" in results and "ece" in results

@@ -21,7 +21,8 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     config = run_config.RunConfig(output_dir=str(out), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
-                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1)
+                                  warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1,
+                                  precision="float32")  # as the SavedModel: they must agree to 1e-4
     experiment.train(config, log=lambda line: None)
     model, record = run_folder.load_run(str(out))
     data = run_config.load_data(config)
@@ -168,11 +169,8 @@ def test_export_tool_errors(tmp_path):
 
 def _untrained_run(run_dir, precision):
     """A run folder as tools/train.py leaves one (model.keras and config.json), untrained."""
-    keras.mixed_precision.set_global_policy(precision)
-    try:
+    with models.precision_policy(precision):
         model = models.BalPoEModel(10, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     model.save(run_dir / "model.keras")
     record = {"config": {"precision": precision, "lambdas": [1.0, -1.0]},
               "data": {"mean": list(lt_data.CIFAR_MEAN), "std": list(lt_data.CIFAR_STD),
@@ -182,7 +180,24 @@ def _untrained_run(run_dir, precision):
 
 
 @pytest.mark.slow
-def test_a_run_loads_and_exports_in_its_precision_unless_told(tmp_path):
+def test_a_bfloat16_run_ends_with_a_float32_saved_model(tmp_path):
+    config = run_config.RunConfig(output_dir=str(tmp_path), dataset="digits", imbalance_ratio=10, augment="none",
+                                  backbone="resnet8", epochs=1, batch_size=64, warmup_epochs=0, milestones=[],
+                                  precision="mixed_bfloat16")
+    experiment.train(config, log=lambda line: None)
+    trained, record = run_folder.load_run(str(tmp_path))
+    assert trained.dtype_policy.name == record["config"]["precision"] == "mixed_bfloat16"
+    as_float32, _ = run_folder.load_run(str(tmp_path), "float32")
+    served = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["predict_tensor"]
+    with open(tmp_path / "export" / "1" / "assets.extra" / export.METADATA_NAME) as f:
+        assert json.load(f)["precision"] == "float32"
+    images = np.random.RandomState(0).uniform(-1, 1, (4, *trained.image_shape)).astype(np.float32)
+    np.testing.assert_allclose(served(images=images)["logits"], as_float32(images, training=False)["logits"],
+                               atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_run_loads_in_its_precision_and_exports_in_float32_unless_told(tmp_path):
     saved = _untrained_run(tmp_path, "mixed_bfloat16")
     images = np.random.RandomState(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
     model, _ = run_folder.load_run(str(tmp_path))
@@ -194,11 +209,11 @@ def test_a_run_loads_and_exports_in_its_precision_unless_told(tmp_path):
     bf16_logits, float32_logits = (m(images, training=False)["logits"].numpy() for m in (model, as_float32))
     assert np.abs(bf16_logits - float32_logits).max() > 1e-2  # bfloat16 rounding shows at this scale
 
-    for precision, compute in (("", "bfloat16"), ("float32", "float32")):
-        path = export.export_from_config(export.ExportConfig(run_dir=str(tmp_path), precision=precision),
+    for settings, compute in (({"precision": "mixed_bfloat16"}, "bfloat16"), ({}, "float32")):
+        path = export.export_from_config(export.ExportConfig(run_dir=str(tmp_path), **settings),
                                          log=lambda line: None)
         with open(os.path.join(path, "assets.extra", export.METADATA_NAME)) as f:
-            assert json.load(f)["precision"] == (precision or "mixed_bfloat16")
+            assert json.load(f)["precision"] == settings.get("precision", "float32")
         serve = tf.saved_model.load(path).signatures["predict_tensor"]
         library = serve.graph.as_graph_def().library.function
         assert {tf.as_dtype(node.attr["T"].type).name for function in library for node in function.node_def

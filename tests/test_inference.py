@@ -22,7 +22,8 @@ def run(tmp_path_factory):
     config = run_config.RunConfig(output_dir=str(root / "run"), dataset="digits", imbalance_ratio=10,
                                   augment="none", backbone="resnet8", epochs=1, batch_size=64,
                                   warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1,
-                                  holdout_fraction=0.2)
+                                  holdout_fraction=0.2,
+                                  precision="float32")  # as the SavedModel: they must agree to 1e-4
     experiment.train(config, log=lambda line: None)
     data = run_config.load_data(config)
     pixels = data.test.images[::40][:6]  # six test images

@@ -324,8 +324,7 @@ def test_resnext_ensemble_runs_small_images():
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_keeps_the_loss_in_float32(policy):
-    keras.mixed_precision.set_global_policy(policy)
-    try:
+    with models.precision_policy(policy):
         data = synthetic_data()
         model = models.BalPoEModel(data.num_classes, 2, "resnet8", input_shape=data.image_shape)
         optimizer = training.SGDWithL2(0.05)
@@ -338,5 +337,4 @@ def test_mixed_precision_keeps_the_loss_in_float32(policy):
         assert model.trunk.stem.compute_dtype == policy.split("_")[1]
         logs = model.train_on_batch(x, data.train.labels[:8], return_dict=True)
         assert np.isfinite(logs["loss"])
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    assert keras.mixed_precision.global_policy().name == "float32"

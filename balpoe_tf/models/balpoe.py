@@ -1,6 +1,8 @@
 """The BalPoE model: a backbone's trunk, M experts with cosine classifiers, and the
 `train_step` that applies mixup and the logit-adjusted losses."""
 
+import contextlib
+
 import numpy as np
 
 import keras
@@ -221,3 +223,20 @@ def predict_dataset(model, dataset, progress=None):
 def count_params(layer) -> int:
     """Number of trainable + non-trainable scalars of a built layer or model."""
     return int(sum(np.prod(w.shape) for w in layer.weights))
+
+
+@contextlib.contextmanager
+def precision_policy(name: str):
+    """Models made (or loaded) inside the block compute in Keras precision policy `name`;
+    the global policy is restored after it.
+
+    Args:
+        name: a Keras policy ("float32", "mixed_bfloat16", ...); "" keeps the current one.
+    """
+    previous = keras.mixed_precision.global_policy()
+    if name:
+        keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

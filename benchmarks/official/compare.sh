@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 mkdir -p "$out/official"
 python benchmarks/official/write_lists.py --data_path="$data" --imbalance_ratio=100 --output_dir="$out/lists"
 python tools/reproduce.py --flagfile=configs/cifar10_ir100_jpeg.flags --data_path="$data" \
-  --epochs=15 --warmup_epochs=2 --milestones=12,13 --augment=crop_flip --eval_every=15 --noexport \
+  --epochs=15 --warmup_epochs=2 --milestones=12,13 --augment=crop_flip --eval_every=15 --noexport --precision=float32 \
   --run_root="$out/ours" --methods=balpoe --seeds=1,2 --title="balpoe_tf, 15 epochs"
 for seed in 1 2; do
   result="$out/official/seed$seed.json"
