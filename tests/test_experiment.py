@@ -453,6 +453,12 @@ def test_incompatible_run_folder_is_refused(tmp_path):
     del record["config"]["tfds_split_train"]
     (tmp_path / "config.json").write_text(json.dumps(record))
     run_folder.check_run_folder(config)
+    assert config.precision == "auto"  # resumes in the saved precision, whatever this machine would pick
+    del record["config"]["precision"]  # saved when the default was float32
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    run_folder.check_run_folder(dataclasses.replace(config, precision="float32"))
+    with pytest.raises(RunError, match="--precision: saved 'float32', now 'mixed_bfloat16'"):
+        run_folder.check_run_folder(dataclasses.replace(config, precision="mixed_bfloat16"))
     with pytest.raises(RunError, match="--tfds_split_train: saved 'train', now 'x'"):
         run_folder.check_run_folder(dataclasses.replace(config, tfds_split_train="x"))
     os.remove(tmp_path / "config.json")

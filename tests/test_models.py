@@ -321,6 +321,16 @@ def test_resnext_ensemble_runs_small_images():
     assert out["expert_logits"].shape == (2, 2, 5)
 
 
+def test_precision_policy_holds_inside_the_block_and_is_restored_after_an_error():
+    with pytest.raises(ValueError, match="inside"):
+        with models.precision_policy("mixed_bfloat16"):
+            assert keras.layers.Dense(2).compute_dtype == "bfloat16"
+            raise ValueError("inside")
+    assert keras.mixed_precision.global_policy().name == "float32"
+    with models.precision_policy(""):  # keeps the current policy
+        assert keras.layers.Dense(2).compute_dtype == "float32"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_keeps_the_loss_in_float32(policy):
