@@ -175,7 +175,7 @@ def run_precision(config: RunConfig, gpus: list, flags) -> str:
     the precision it started with, so that it continues the same run on another machine too."""
     saved = None if config.precision != "auto" or config.dry_run else resumed_run_settings(config.output_dir)
     if saved is not None:
-        return saved.get("precision", "float32")
+        return saved["precision"]
     return resolve_precision(config.precision, gpus, flags)
 
 

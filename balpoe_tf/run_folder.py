@@ -87,7 +87,7 @@ def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print):
 
 def resumed_run_settings(output_dir: str):
     """The settings (config.json's "config") of the run whose checkpoint `output_dir` holds,
-    or None when it holds no checkpoint: a run started there is a new one."""
+    every setting present, or None when it holds no checkpoint: a run started there is a new one."""
     _, checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         return None
@@ -96,7 +96,9 @@ def resumed_run_settings(output_dir: str):
         raise RunError(f"{output_dir} holds checkpoint {checkpoint} but no config.json, so it "
                        "cannot be resumed safely: use a new --output_dir or delete the folder")
     with open(path) as f:
-        return json.load(f)["config"]
+        saved = json.load(f)["config"]
+    # A setting added after the run was saved had its default then (float32 for the precision).
+    return {**dataclasses.asdict(RunConfig()), "precision": "float32", **saved}
 
 
 def check_run_folder(config: RunConfig):
@@ -104,8 +106,6 @@ def check_run_folder(config: RunConfig):
     saved = resumed_run_settings(config.output_dir)
     if saved is None:
         return
-    # A setting added after the run was saved had its default then (float32 for the precision).
-    saved = {**dataclasses.asdict(RunConfig()), "precision": "float32", **saved}
     current = dataclasses.asdict(config)
     if current["precision"] == "auto":  # auto resumes a run in the precision it started with
         current["precision"] = saved["precision"]
