@@ -4,7 +4,7 @@ evaluation, calibration on the held-out split and export."""
 import dataclasses
 import os
 import subprocess
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -12,13 +12,14 @@ import keras
 import tensorflow as tf
 
 from balpoe_tf import __version__, export, label_shift, losses, models, training
+from balpoe_tf import precision as precision_lib
 from balpoe_tf import data as lt_data
 from balpoe_tf.callbacks import BalPoETensorBoard, DivergenceGuard, EpochCheckpoint, ProgressLine, write_final_metrics
 from balpoe_tf.config import RunError
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
 from balpoe_tf.run_config import baseline_config, config_to_flags, load_data, RUN_CONTROL, RunConfig, STRATEGIES
 from balpoe_tf.run_folder import (check_run_folder, config_path, load_latest_checkpoint, load_model_file,
-                                  resumed_run_settings)
+                                  read_run_record, resumed_run_settings)
 
 
 def make_schedule(config: RunConfig, steps_per_epoch: int):
@@ -52,11 +53,15 @@ def lr_schedule(model):
 
 
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models.BalPoEModel,
-                     steps_per_epoch: int) -> dict:
+                     steps_per_epoch: int, choice: precision_lib.PrecisionChoice) -> dict:
     """Write flags.txt (a re-runnable flag file) and config.json (settings, schedule,
-    optimizer, data); returns the config.json record."""
+    optimizer, data, how the precision was chosen); returns the config.json record."""
     os.makedirs(config.output_dir, exist_ok=True)
     schedule = lr_schedule(model)
+    if choice.how == "resumed":  # keep the measurement the run's precision came from
+        choice = read_run_record(config.output_dir).get("precision_choice", choice.to_dict())
+    else:
+        choice = choice.to_dict()
     record = {
         "config": dataclasses.asdict(config),
         "data": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
@@ -65,6 +70,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
                  "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
                  "test_crop": data.test_crop,
                  "image_shape": list(data.image_shape)},
+        "precision_choice": choice,
         "steps_per_epoch": steps_per_epoch,
         "lr_by_epoch": [float(schedule.epoch_lr(e)) for e in range(config.epochs)],
         "optimizer": keras.saving.serialize_keras_object(model.optimizer),
@@ -90,93 +96,59 @@ def source_commit():
     return commit if result.returncode == 0 and commit else None
 
 
-# x86 CPU features (/proc/cpuinfo flags) with which a CPU computes a mixed precision in its own
-# arithmetic. Without them TensorFlow emulates it (in oneDNN on AVX-512, through Eigen otherwise),
-# which trains slower than float32 (docs/results.md, "Beyond the same maths").
-NATIVE_CPU_FEATURES = {"mixed_bfloat16": ("avx512_bf16", "amx_bf16", "avx_ne_convert"),
-                       "mixed_float16": ("avx512_fp16", "amx_fp16", "avx_ne_convert")}
+def _measured_step(config: RunConfig, data: lt_data.LabeledData, batch: int):
+    """`precision -> step` for `precision.measure_speeds`: the run's model compiled as the
+    run compiles it, its `train_step` (mixup, losses, update, metrics) on one fixed random
+    batch of the run's shape. Traced without AutoGraph, which the step does not need: tracing,
+    most of what measuring costs on a small model, then takes 0.75 s instead of 1.9 s (ResNet-8)."""
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.standard_normal((batch, *data.image_shape), dtype=np.float32))
+    labels = tf.constant(rng.integers(0, data.num_classes, batch), tf.int32)
+
+    def make_step(name):
+        with models.precision_policy(name):
+            model = build_model(dataclasses.replace(config, precision=name), data, steps_per_epoch=1)
+        model.optimizer.build(model.trainable_variables)
+        step = tf.function(lambda: model.train_step((images, labels))["loss"], autograph=False,
+                           jit_compile=config.jit_compile)
+        return lambda: float(step())
+
+    return make_step
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo"):
-    """This CPU's x86 feature flags, or None where they cannot be read (not Linux, not x86).
-
-    Args:
-        cpuinfo: the file to read them from.
-
-    Returns:
-        The set of flags of the first processor listed, or None.
-    """
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+def _agree_across_workers(strategy, choice: precision_lib.PrecisionChoice) -> precision_lib.PrecisionChoice:
+    """Every worker of a multi-worker run must compute in the same precision: the workers'
+    measurements are gathered and each takes `precision.slowest_worker` of them."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return choice
+    local = tf.constant([precision_lib.worker_row(choice)], tf.float64)
+    rows = strategy.gather(strategy.experimental_distribute_values_from_function(lambda _: local), axis=0)
+    return precision_lib.slowest_worker(choice, rows.numpy())
 
 
-def emulated_precision_warning(precision: str, has_gpu: bool, flags) -> str:
-    """A warning line when `precision` would run emulated on this machine's CPU, else "".
-
-    Args:
-        precision: the Keras precision policy of the run.
-        has_gpu: whether TensorFlow sees a GPU (then the CPU does not compute the model).
-        flags: the CPU's feature flags from `cpu_flags` (None: unknown, no warning).
-    """
-    features = NATIVE_CPU_FEATURES.get(precision)
-    if not features or has_gpu or flags is None or flags & set(features):
-        return ""
-    return (f"warning: --precision={precision} on a CPU without {', '.join(features[:-1])} or {features[-1]}: "
-            "TensorFlow emulates it, which trains slower than float32, not faster (docs/results.md, \"Beyond "
-            "the same maths\"); use --precision=float32")
+def precision_model_key(config: RunConfig, data: lt_data.LabeledData, replicas: int) -> dict:
+    """What `--precision=auto`'s measurement depends on besides the machine."""
+    return {"backbone": config.backbone, "experts": config.num_experts, "classes": data.num_classes,
+            "image_shape": list(data.image_shape), "batch": max(1, config.batch_size // replicas),
+            "jit_compile": config.jit_compile, "replicas": replicas}
 
 
-# The CPU features with which bfloat16 trains faster than float32: measured with AVX512-BF16
-# (docs/results.md); AMX-BF16 adds bfloat16 matrix units. AVX-NE-CONVERT only converts to and
-# from bfloat16, so auto leaves such CPUs in float32.
-AUTO_BFLOAT16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")
-
-
-def gpu_capabilities() -> list:
-    """The CUDA compute capability `(major, minor)` of each GPU TensorFlow sees (None where
-    a GPU does not report one); [] without a GPU."""
-    return [tf.config.experimental.get_device_details(gpu).get("compute_capability")
-            for gpu in tf.config.list_physical_devices("GPU")]
-
-
-def resolve_precision(precision: str, gpus: list, flags) -> str:
-    """The precision `--precision=auto` stands for on this machine; other values unchanged.
-
-    auto is mixed_bfloat16 where the hardware computes bfloat16 natively: GPUs that all have
-    compute capability 8.0 or more (Ampere and later) or, without a GPU, a CPU with one of
-    `AUTO_BFLOAT16_CPU_FEATURES`. Elsewhere bfloat16 would be emulated and slower, so auto is
-    float32.
-
-    Args:
-        precision: the --precision setting.
-        gpus: `gpu_capabilities()`.
-        flags: the CPU's feature flags from `cpu_flags` (None: unknown, so float32).
-
-    Returns:
-        A Keras precision policy name.
-    """
-    if precision != "auto":
-        return precision
-    if gpus:
-        native = all(capability is not None and tuple(capability) >= (8, 0) for capability in gpus)
-    else:
-        native = flags is not None and bool(flags & set(AUTO_BFLOAT16_CPU_FEATURES))
-    return "mixed_bfloat16" if native else "float32"
-
-
-def run_precision(config: RunConfig, gpus: list, flags) -> str:
-    """The precision a run computes in: `resolve_precision`, except that auto resumes a run in
-    the precision it started with, so that it continues the same run on another machine too."""
-    saved = None if config.precision != "auto" or config.dry_run else resumed_run_settings(config.output_dir)
+def choose_precision(config: RunConfig, data: lt_data.LabeledData, strategy: tf.distribute.Strategy,
+                     gpus: list, flags) -> precision_lib.PrecisionChoice:
+    """The precision a run computes in: the one --precision names; for auto, the one it
+    started with when the run resumes (so that it continues the same run on another machine
+    too), else the one measured faster for this model on this machine (`precision.choose_auto`)."""
+    if config.precision != "auto":
+        return precision_lib.PrecisionChoice(config.precision, "given")
+    saved = None if config.dry_run else resumed_run_settings(config.output_dir)
     if saved is not None:
-        return saved["precision"]
-    return resolve_precision(config.precision, gpus, flags)
+        return precision_lib.PrecisionChoice(saved["precision"], "resumed")
+    model_key = precision_model_key(config, data, strategy.num_replicas_in_sync)
+    batch = model_key["batch"]
+    total_steps = config.epochs * lt_data.steps_per_epoch(len(data.train), config.batch_size)
+    choice = precision_lib.choose_auto(model_key, precision_lib.auto_candidates(gpus, flags),
+                                       _measured_step(config, data, batch), batch, total_steps, gpus, flags)
+    return _agree_across_workers(strategy, choice)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
@@ -219,41 +191,45 @@ def _hparams(config: RunConfig) -> dict:
     return out
 
 
-def train(config: RunConfig, log: Callable[[str], None] = print) -> dict:
+def train(config: RunConfig, log: Callable[[str], None] = print,
+          precision: Optional[precision_lib.PrecisionChoice] = None) -> dict:
     """Train (or resume) one run and evaluate it on the balanced test set.
 
     Args:
         config: the run settings.
         log: where progress lines go.
+        precision: the precision to compute in when --precision is auto, instead of
+            `choose_precision` (the baselines of a comparison take their run's).
 
     Returns:
         Final test metrics (empty for a dry run).
     """
     strategy = make_strategy(config.strategy)  # first: collectives must precede other TF work
     config = _worker_config(config, strategy)
-    gpus, flags = gpu_capabilities(), cpu_flags()
-    if config.precision == "auto":
-        config = dataclasses.replace(config, precision=run_precision(config, gpus, flags))
-        log(f"precision {config.precision} (--precision=auto)")
     if not config.dry_run:
         check_run_folder(config)
-    warning = emulated_precision_warning(config.precision, bool(gpus), flags)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    data = load_data(config)
+    log(f"data {data.name}: {len(data.train)} training images in {data.num_classes} classes "
+        f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
+    gpus, flags = precision_lib.gpu_capabilities(), precision_lib.cpu_flags()
+    choice = precision if precision and config.precision == "auto" else choose_precision(
+        config, data, strategy, gpus, flags)
+    config = dataclasses.replace(config, precision=choice.precision)
+    log(choice.summary())
+    warning = precision_lib.emulated_precision_warning(config.precision, bool(gpus), flags)
     if warning:
         log(warning)
     with models.precision_policy(config.precision):
-        return _train_in_precision(config, strategy, log)
+        return _train_in_precision(config, data, choice, strategy, log)
 
 
-def _train_in_precision(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[str], None]) -> dict:
-    """`train` once the run's precision is resolved and in force."""
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(config.seed)
-    data = load_data(config)
+def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: precision_lib.PrecisionChoice,
+                        strategy: tf.distribute.Strategy, log: Callable[[str], None]) -> dict:
+    """`train` once the data is loaded and the run's precision is chosen and in force."""
+    keras.utils.set_random_seed(config.seed)  # after the precision measurement, which draws numbers too
     steps = lt_data.steps_per_epoch(len(data.train), config.batch_size)
-    log(f"data {data.name}: {len(data.train)} training images in {data.num_classes} classes "
-        f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
-
     with strategy.scope():
         start_epoch, model = (0, None) if config.dry_run else load_latest_checkpoint(config.output_dir, log)
         if model is None:
@@ -274,7 +250,7 @@ def _train_in_precision(config: RunConfig, strategy: tf.distribute.Strategy, log
             f"test-batch accuracy {test_logs['accuracy']:.4f}")
         return {}
 
-    record = write_run_record(config, data, model, steps)
+    record = write_run_record(config, data, model, steps, choice)
     results = {}
     if start_epoch < config.epochs:
         log_dir = os.path.join(config.output_dir, "tensorboard")
@@ -345,7 +321,12 @@ def train_with_baselines(config: RunConfig, log: Callable[[str], None] = print) 
         return rows
     for name in config.compare:
         log(f"--- baseline {name} ---")
-        rows[name] = train(baseline_config(config, name), log)
+        baseline = baseline_config(config, name)
+        # The methods of one comparison compute alike: a new baseline takes the precision auto
+        # chose for the run it is compared with (a resumed one keeps its own).
+        same = None if resumed_run_settings(baseline.output_dir) else precision_lib.PrecisionChoice(
+            read_run_record(config.output_dir)["config"]["precision"], "compared")
+        rows[name] = train(baseline, log, same)
     table = format_table(rows)
     with open(os.path.join(config.output_dir, "results.md"), "w") as f:
         f.write(f"Balanced test set of {config.dataset}, IR {config.imbalance_ratio:g}, "

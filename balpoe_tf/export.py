@@ -19,6 +19,7 @@ top_k_scores, top_k_names):
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -27,11 +28,12 @@ import keras
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import label_shift
-from balpoe_tf.config import NON_EMPTY, at_least, config_field, greater_than, one_of, validate
+from balpoe_tf import label_shift, models
+from balpoe_tf import precision as precision_lib
+from balpoe_tf.config import RunError, NON_EMPTY, at_least, config_field, greater_than, one_of, validate
 from balpoe_tf.data import PRIOR_FLOOR
-from balpoe_tf.run_config import PRECISIONS
-from balpoe_tf.run_folder import load_run
+from balpoe_tf.precision import PRECISIONS
+from balpoe_tf.run_folder import load_run, read_run_record
 
 # Classes and training prior of an export, in its assets.extra folder.
 METADATA_NAME = "balpoe_tf.json"
@@ -196,17 +198,49 @@ class ExportConfig:
                                                "images (read from the header, before decoding).",
                                                greater_than(0))
     precision: str = config_field("float32", "Precision the SavedModel computes in, whatever the run trained in. "
-                                             "float32 serves at full speed on any CPU; mixed_bfloat16 is faster "
-                                             "only where the serving CPU has AVX512-BF16 or AMX, or the GPU has "
-                                             "compute capability 8.0 or more (docs/results.md).",
-                                  one_of(PRECISIONS))
+                                             "float32 serves well on any machine; a mixed precision can be faster "
+                                             "only where the serving hardware computes it natively, and not "
+                                             "always there (docs/results.md). auto: the precision measured faster "
+                                             "at prediction on this machine, for serving on machines like it.",
+                                  one_of(("auto",) + PRECISIONS))
 
     def __post_init__(self):
         validate(self)
 
 
+# Images per measured prediction of tools/export.py --precision=auto.
+SERVING_BATCH = 64
+
+
+def serving_precision(run_dir: str) -> precision_lib.PrecisionChoice:
+    """The precision a run's SavedModel predicts fastest in on this machine: float32 unless a
+    mixed precision this hardware computes natively measured `precision.MIN_SPEEDUP` times as
+    fast at prediction (cached as training's choice is)."""
+    gpus, flags = precision_lib.gpu_capabilities(), precision_lib.cpu_flags()
+    record = read_run_record(run_dir)
+    if not record:
+        raise RunError(f"{run_dir} holds no config.json: pass the --output_dir of a tools/train.py run")
+    shape = record["data"]["image_shape"]
+    images = tf.random.stateless_normal([SERVING_BATCH, *shape], seed=[0, 0])
+
+    def make_step(name):
+        forward = models.forward_function(load_run(run_dir, name)[0])
+        return lambda: forward(images)["logits"].numpy()
+
+    saved = record["config"]
+    model_key = {"task": "prediction", "backbone": saved["backbone"], "experts": saved["num_experts"],
+                 "classes": record["data"]["num_classes"], "image_shape": shape, "batch": SERVING_BATCH}
+    return precision_lib.choose_auto(model_key, precision_lib.auto_candidates(gpus, flags), make_step,
+                                     SERVING_BATCH, math.inf, gpus, flags)
+
+
 def export_from_config(config: ExportConfig, log=print) -> str:
-    model, record = load_run(config.run_dir, config.precision)
+    precision = config.precision
+    if precision == "auto":
+        choice = serving_precision(config.run_dir)
+        log(choice.summary())
+        precision = choice.precision
+    model, record = load_run(config.run_dir, precision)
     holdout = label_shift.load_holdout(config.run_dir)
     path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k,
                       int(config.max_image_megapixels * 1e6), None if holdout is None else holdout.calibration)

@@ -22,6 +22,7 @@ from tensorboard.compat.proto import event_pb2
 
 from balpoe_tf import evaluation, experiment, reporting, run_config, run_folder
 from balpoe_tf.config import at_least, Check, config_field, each, NON_EMPTY, one_of, RunError, validate
+from balpoe_tf.precision import PrecisionChoice
 
 # Method -> (title in tables, baseline of `run_config.BASELINES` trained like the BalPoE run).
 METHODS = {
@@ -309,13 +310,21 @@ def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable
     """Train every (seed, method) run that has not finished, one at a time (each resumes
     from its last checkpoint), then write and print the report; returns its entries."""
     if config.train:
-        for seed in config.seeds:
-            for method in config.methods:
-                run = method_config(base, method, seed, config.run_root)
-                if run_status(run)["finished"]:
-                    continue
-                log(f"=== {METHODS[method][0]}, seed {seed} -> {run.output_dir}")
-                experiment.train(run, log)
+        runs = [(method, seed, method_config(base, method, seed, config.run_root)) for seed in config.seeds
+                for method in config.methods]
+        # With --precision=auto every run of the comparison computes in the precision the first
+        # one to start chose (a run that has started keeps its own).
+        started = [run_folder.read_run_record(run.output_dir).get("config", {}).get("precision")
+                   for _, _, run in runs]
+        shared = next((p for p in started if p), None)
+        for method, seed, run in runs:
+            if run_status(run)["finished"]:
+                continue
+            log(f"=== {METHODS[method][0]}, seed {seed} -> {run.output_dir}")
+            same = None if shared is None or run_folder.resumed_run_settings(run.output_dir) else \
+                PrecisionChoice(shared, "compared")
+            experiment.train(run, log, same)
+            shared = shared or run_folder.read_run_record(run.output_dir)["config"]["precision"]
     entries = collect(base, config.methods, config.seeds, config.run_root, log)
     source = f"{base.dataset} {os.path.basename(os.path.normpath(base.data_path))}" if base.data_path else base.dataset
     title = config.title or f"{source}, IR {base.imbalance_ratio:g}, {base.epochs} epochs"

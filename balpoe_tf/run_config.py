@@ -6,6 +6,7 @@ import os
 from typing import List
 
 from balpoe_tf import models
+from balpoe_tf.precision import MIN_SPEEDUP, PRECISIONS
 from balpoe_tf import data as lt_data
 from balpoe_tf.config import (at_least, between, Check, config_field, each, either, FINITE, greater_than, NON_EMPTY,
                               one_of, refuse, RunError, validate)
@@ -18,9 +19,6 @@ BASELINES = {
     "erm": dict(mixup_alpha=0.0),
     "uniform": dict(lambdas=None),  # M experts, all lambda = 0
 }
-
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "none")
@@ -91,9 +89,11 @@ class RunConfig:
     scale: float = config_field(30.0, "Cosine-classifier scale (30 in the official code, 32 in the paper).",
                                 greater_than(0))
     precision: str = config_field("auto", "Compute precision (the classifier and the loss stay float32). auto: "
-                                          "mixed_bfloat16 where the hardware computes bfloat16 natively (a CPU "
-                                          "with AVX512-BF16 or AMX, a GPU of compute capability 8.0 or more), "
-                                          "else float32; a resumed run keeps the precision it started with.",
+                                          "float32, or a mixed precision the hardware computes natively (bfloat16 "
+                                          "on a CPU with AVX512-BF16 or AMX; bfloat16 or float16 on recent GPUs) "
+                                          f"where a few timed training steps of this model show it at least "
+                                          f"{MIN_SPEEDUP:.2f}x as fast (measured once per machine and model, "
+                                          "cached); a resumed run keeps the precision it started with.",
                                   one_of(("auto",) + PRECISIONS))
     strategy: str = config_field("auto", "tf.distribute strategy: auto (MirroredStrategy over all GPUs "
                                          "when there are several), mirrored, multi_worker (from TF_CONFIG) "

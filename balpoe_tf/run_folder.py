@@ -24,6 +24,15 @@ def config_path(output_dir):
     return os.path.join(output_dir, "config.json")
 
 
+def read_run_record(output_dir: str) -> dict:
+    """The run's config.json record, or {} when the folder holds none yet."""
+    try:
+        with open(config_path(output_dir)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
 def checkpoints(output_dir: str) -> list:
     """(epoch, path) of every checkpoint in a run folder, newest first."""
     found = []

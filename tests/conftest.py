@@ -1,6 +1,7 @@
 """Shared test setup: TensorFlow defaults first, tiny datasets, no downloads."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ from balpoe_tf import cli
 from balpoe_tf import data as lt_data
 
 REPO = Path(__file__).resolve().parents[1]
+
+# --precision=auto caches its measurements: tests (and the tools they start) use a cache of
+# their own, never the user's, whose measurements would change what auto picks.
+os.environ["BALPOE_TF_CACHE_DIR"] = tempfile.mkdtemp(prefix="balpoe_tf_test_cache_")
 
 
 def parse_config(config_class, *args):

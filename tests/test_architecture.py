@@ -11,7 +11,7 @@ PACKAGE = REPO / "balpoe_tf"
 # Lowest first; a module may import only modules of its own or a lower layer (a module of
 # its own layer only when listed before it).
 LAYERS = [
-    ["config", "progress", "data"],
+    ["config", "progress", "precision", "data"],
     ["reporting", "training", "metrics", "losses", "label_shift", "models", "cli"],
     ["run_config"],
     ["run_folder"],

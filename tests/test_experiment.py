@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from balpoe_tf import callbacks, experiment, reporting, run_config, run_folder
+from balpoe_tf import callbacks, experiment, precision, reporting, run_config, run_folder
 from balpoe_tf.config import RunError
 from balpoe_tf import data as lt_data
 from conftest import mock_imagenet_lt_records, parse_config
@@ -128,75 +128,70 @@ def test_imagenet_lt_from_tfds_dry_run(tmp_path):
     assert any(line.startswith("dry run: batch (16, 32, 32, 3)") for line in logs), logs
 
 
-def test_cpu_flags_read_from_cpuinfo(tmp_path):
-    x86 = tmp_path / "x86"
-    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
-    arm = tmp_path / "arm"
-    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
-    assert experiment.cpu_flags(str(x86)) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
-    assert experiment.cpu_flags(str(arm)) is None
-    assert experiment.cpu_flags(str(tmp_path / "missing")) is None
-
-
-@pytest.mark.parametrize("precision, has_gpu, flags, warned", [
-    ("mixed_bfloat16", False, {"avx2", "avx512f"}, True),
-    ("mixed_bfloat16", False, {"avx512f", "avx512_bf16"}, False),
-    ("mixed_bfloat16", False, {"amx_bf16"}, False),
-    ("mixed_float16", False, {"avx512f", "avx512_bf16"}, True),
-    ("mixed_float16", False, {"avx512_fp16"}, False),
-    ("mixed_float16", False, {"avx2", "avx_ne_convert"}, False),
-    ("mixed_bfloat16", True, {"avx2"}, False),  # a GPU computes the model
-    ("mixed_bfloat16", False, None, False),  # flags unknown
-    ("float32", False, {"avx2"}, False),
-])
-def test_emulated_precision_warning(precision, has_gpu, flags, warned):
-    warning = experiment.emulated_precision_warning(precision, has_gpu, flags)
-    assert bool(warning) == warned
-    if warned:
-        assert f"--precision={precision} on a CPU without" in warning and "use --precision=float32" in warning
-
-
-@pytest.mark.parametrize("gpus, flags, resolved", [
-    ([], {"avx2", "avx512f", "avx512_bf16"}, "mixed_bfloat16"),  # Zen 4/5, Cooper Lake and later Xeons
-    ([], {"avx512f", "amx_bf16"}, "mixed_bfloat16"),
-    ([], {"avx2", "avx512f"}, "float32"),  # bfloat16 emulated: 0.42x float32 (docs/results.md)
-    ([], {"avx2", "avx_ne_convert"}, "float32"),  # converts bfloat16 but does not compute it
-    ([], None, "float32"),  # flags unknown (not Linux, not x86)
-    ([(8, 0), (9, 0)], {"avx2"}, "mixed_bfloat16"),  # the GPUs compute the model, whatever the CPU
-    ([(8, 0), (7, 5)], {"avx512_bf16"}, "float32"),  # one Turing GPU: every replica must be native
-    ([None], {"avx512_bf16"}, "float32"),  # a GPU that reports no compute capability
-])
-def test_auto_precision_is_bfloat16_only_where_the_hardware_computes_it(gpus, flags, resolved):
-    assert experiment.resolve_precision("auto", gpus, flags) == resolved
-    for precision in run_config.PRECISIONS:
-        assert experiment.resolve_precision(precision, gpus, flags) == precision
-
-
-def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path):
-    bf16_cpu, older_cpu = {"avx512_bf16"}, {"avx512f"}
+def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path, monkeypatch):
     config = parse("--flagfile=configs/demo.flags", f"--output_dir={tmp_path}")
+    data = run_config.load_data(config)
+    strategy = tf.distribute.get_strategy()
     assert config.precision == "auto"
-    assert experiment.run_precision(config, [], older_cpu) == "float32"  # a new run
+    new = experiment.choose_precision(config, data, strategy, [], {"avx512f"})
+    assert (new.precision, new.how) == ("float32", "no candidate")  # a new run
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "epoch_0001.keras").write_bytes(b"")
     (tmp_path / "config.json").write_text(json.dumps({"config": {"precision": "mixed_bfloat16"}}))
-    assert experiment.run_precision(config, [], older_cpu) == "mixed_bfloat16"
-    explicit = dataclasses.replace(config, precision="float32")
-    assert experiment.run_precision(explicit, [], bf16_cpu) == "float32"  # check_run_folder then refuses it
+    resumed = experiment.choose_precision(config, data, strategy, [], {"avx512f"})
+    assert (resumed.precision, resumed.how) == ("mixed_bfloat16", "resumed")
+    explicit = dataclasses.replace(config, precision="float32")  # check_run_folder then refuses it
+    assert experiment.choose_precision(explicit, data, strategy, [], {"avx512_bf16"}).how == "given"
     (tmp_path / "config.json").unlink()
     with pytest.raises(RunError, match="but no config.json"):
-        experiment.run_precision(config, [], bf16_cpu)
+        experiment.choose_precision(config, data, strategy, [], {"avx512_bf16"})
 
 
 def test_training_warns_of_emulated_precision(monkeypatch, tmp_path):
-    monkeypatch.setattr(experiment, "cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
     config = parse("--flagfile=configs/demo.flags", "--precision=mixed_bfloat16", f"--output_dir={tmp_path}",
                    "--dry_run")
     logs = []
     experiment.train(config, log=logs.append)
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
-    assert logs[0].startswith("warning: --precision=mixed_bfloat16 on a CPU without avx512_bf16, amx_bf16 or "
-                              "avx_ne_convert: TensorFlow emulates it")
+    assert "precision mixed_bfloat16 (--precision=mixed_bfloat16)" in logs
+    assert any(line.startswith("warning: --precision=mixed_bfloat16 on a CPU without avx512_bf16, amx_bf16 or "
+                               "avx_ne_convert: TensorFlow emulates it") for line in logs), logs
+
+
+def test_auto_precision_is_measured_chosen_recorded_and_shared_with_the_baselines(monkeypatch, tmp_path):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])
+    measured = []
+
+    def measure(make_step, candidates, images_per_step, total_steps):
+        measured.append((candidates, images_per_step, total_steps))
+        return {"rates": {"float32": 100.0, "mixed_bfloat16": 150.0}, "speedups": {"mixed_bfloat16": 1.5},
+                "float32_step": 0.5, "measuring_cost": 1.0}
+
+    monkeypatch.setattr(precision, "measure_speeds", measure)
+    config = parse(*TINY, "--epochs=1", "--warmup_epochs=0", "--compare=ce", "--noexport",
+                   f"--output_dir={tmp_path}")
+    logs = []
+    experiment.train_with_baselines(config, log=logs.append)
+    assert measured == [(("mixed_bfloat16",), 64, 8)]  # once: the baseline takes its run's precision
+    assert any(line.startswith("precision mixed_bfloat16 (--precision=auto, measured now on this machine and "
+                               "model: training images/s mixed_bfloat16 150, float32 100; mixed_bfloat16 1.50x "
+                               "float32") for line in logs), logs
+    assert "precision mixed_bfloat16 (--precision=auto: the precision of the run this baseline is compared with)" \
+        in logs
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["config"]["precision"] == "mixed_bfloat16"
+    assert record["precision_choice"]["how"] == "measured"
+    assert record["precision_choice"]["speedups"] == {"mixed_bfloat16": 1.5}
+    assert json.loads((tmp_path / "baseline_ce" / "config.json").read_text())["config"]["precision"] == \
+        "mixed_bfloat16"
+    # Run again, the finished run resumes in its precision and keeps the measurement it came from.
+    logs.clear()
+    experiment.train(config, log=logs.append)
+    assert "precision mixed_bfloat16 (--precision=auto: the precision this run started with)" in logs
+    assert json.loads((tmp_path / "config.json").read_text())["precision_choice"] == record["precision_choice"]
+    assert len(measured) == 1
 
 
 @pytest.mark.slow
@@ -291,9 +286,10 @@ def test_train_cli_end_to_end(tmp_path):
         assert (out / name).exists(), name
     record = json.loads((out / "config.json").read_text())
     assert record["lr_by_epoch"] == pytest.approx([0.05, 0.1, 0.1])
-    # --precision=auto is recorded as what it resolved to; the SavedModel computes in float32.
-    auto = experiment.resolve_precision("auto", experiment.gpu_capabilities(), experiment.cpu_flags())
-    assert record["config"]["precision"] == auto and f"precision {auto} (--precision=auto)" in result.stdout
+    # --precision=auto is recorded as what it resolved to, and why; the SavedModel computes in float32.
+    choice = record["precision_choice"]
+    assert record["config"]["precision"] == choice["precision"] and choice["how"] in ("short run", "no candidate")
+    assert f"precision {choice['precision']} (--precision=auto: " in result.stdout
     (version,) = glob.glob(str(out / "export" / "*"))
     assert json.loads((Path(version) / "assets.extra" / "balpoe_tf.json").read_text())["precision"] == "float32"
     assert record["config"]["lambdas"] == [1.0, 0.0, -1.0]
@@ -474,21 +470,49 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _seed_precision_cache(folder, config, replicas, speedup):
+    """Cache a measurement of `speedup` for every mixed precision auto would measure here, for
+    the run `config` split over `replicas`; returns the candidates (none: nothing to measure)."""
+    gpus, flags = precision.gpu_capabilities(), precision.cpu_flags()
+    candidates = precision.auto_candidates(gpus, flags)
+    key = experiment.precision_model_key(config, run_config.load_data(config), replicas)
+
+    def measure(make_step, candidates, images_per_step, total_steps):
+        return {"rates": {"float32": 100.0, **{c: 100.0 * speedup for c in candidates}},
+                "speedups": {c: speedup for c in candidates}, "float32_step": 0.1, "measuring_cost": 1.0}
+
+    old = os.environ["BALPOE_TF_CACHE_DIR"]
+    os.environ["BALPOE_TF_CACHE_DIR"] = str(folder)
+    try:
+        precision.choose_auto(key, candidates, None, key["batch"], 10 ** 9, gpus, flags, measure=measure)
+    finally:
+        os.environ["BALPOE_TF_CACHE_DIR"] = old
+    return candidates
+
+
 @pytest.mark.slow
 def test_two_workers_on_loopback_agree_on_the_weights(tmp_path):
     ports = [_free_port(), _free_port()]
+    args = [*TINY, "--epochs=2", "--strategy=multi_worker", "--sync_bn", "--noexport", f"--output_dir={tmp_path}"]
+    # Each worker finds its own cached measurement of --precision=auto: the first found a mixed
+    # precision faster, the second did not, so both must train in float32.
+    caches = [tmp_path / "cache0", tmp_path / "cache1"]
+    candidates = [_seed_precision_cache(folder, parse(*args), 2, speedup) for folder, speedup in
+                  zip(caches, (1.5, 0.9))][0]
     procs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                      "task": {"type": "worker", "index": index}}
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(tf_config))
-        procs.append(subprocess.Popen(
-            [sys.executable, "tools/train.py", *TINY, "--epochs=2", "--strategy=multi_worker", "--sync_bn",
-             "--noexport",
-             f"--output_dir={tmp_path}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(tf_config),
+                   BALPOE_TF_CACHE_DIR=str(caches[index]))
+        procs.append(subprocess.Popen([sys.executable, "tools/train.py", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
+    for output in outputs:
+        assert "\nprecision float32 (--precision=auto" in output, output[-3000:]
+    if candidates:  # the first worker gave up its faster measurement for the second's
+        assert "precision float32 (--precision=auto: the precision every worker measured fastest" in outputs[0]
     # The chief writes the run folder; worker 1 its own sub-folder. With synchronised BN
     # even the moving statistics agree (per-replica BN keeps each worker's own).
     _, chief = _weights(tmp_path / "model.keras")

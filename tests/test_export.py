@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from balpoe_tf import data as lt_data
 from balpoe_tf.config import RunError
-from balpoe_tf import evaluation, experiment, export, models, run_config, run_folder
+from balpoe_tf import evaluation, experiment, export, models, precision, run_config, run_folder
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +219,37 @@ def test_a_run_loads_in_its_precision_and_exports_in_float32_unless_told(tmp_pat
         assert {tf.as_dtype(node.attr["T"].type).name for function in library for node in function.node_def
                 if node.op == "Conv2D"} == {compute}
     np.testing.assert_allclose(serve(images=images)["logits"], float32_logits, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("speedup, chosen", [(1.8, "mixed_bfloat16"), (0.6, "float32")])
+def test_export_auto_serves_in_the_precision_measured_faster_here(tmp_path, monkeypatch, speedup, chosen):
+    _untrained_run(tmp_path, "float32")
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["config"].update(backbone="resnet8", num_experts=2)
+    record["data"].update(image_shape=[8, 8, 3], num_classes=10)
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    monkeypatch.setenv("BALPOE_TF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])
+    measured = []
+
+    def measure(make_step, candidates, images_per_step, total_steps):
+        # The real steps are made: each predicts a batch with the run loaded in its precision.
+        measured.append([make_step(p)() for p in ("float32", *candidates)])
+        return {"rates": {"float32": 100.0, "mixed_bfloat16": 100.0 * speedup},
+                "speedups": {"mixed_bfloat16": speedup}, "float32_step": 0.1, "measuring_cost": 1.0}
+
+    monkeypatch.setattr(precision, "measure_speeds", measure)
+    lines = []
+    path = export.export_from_config(export.ExportConfig(run_dir=str(tmp_path), precision="auto"), log=lines.append)
+    assert len(measured) == 1 and [logits.shape for logits in measured[0]] == [(export.SERVING_BATCH, 10)] * 2
+    assert lines[0].startswith(f"precision {chosen} (--precision=auto, measured now on this machine and model: "
+                               "prediction images/s")
+    with open(os.path.join(path, "assets.extra", export.METADATA_NAME)) as f:
+        assert json.load(f)["precision"] == chosen
+    with pytest.raises(RunError, match="holds no config.json"):
+        export.export_from_config(export.ExportConfig(run_dir=str(tmp_path / "none"), precision="auto"))
 
 
 @pytest.fixture(scope="module")

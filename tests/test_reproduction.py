@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
-from balpoe_tf import experiment, reproduction, run_config
+from balpoe_tf import experiment, reproduction, run_config, run_folder
 from balpoe_tf.config import RunError
 
 
@@ -128,6 +128,10 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     entries = reproduction.reproduce(base, reproduction.ReproduceConfig(
         methods=["balpoe", "bs"], seeds=[1], run_root=root, summary_json=summary_json), log=lines.append)
     assert "resuming from" in "\n".join(lines) and [e["finished"] for e in entries] == [True, True]
+    # BS computes in the precision --precision=auto chose for the BalPoE run started before it.
+    bs_precision = run_folder.read_run_record(reproduction.method_config(base, "bs", 1, root).output_dir)
+    assert bs_precision["config"]["precision"] == run_folder.read_run_record(balpoe.output_dir)["config"]["precision"]
+    assert bs_precision["precision_choice"]["how"] == "compared"
     text = (tmp_path / "root" / "reproduce.md").read_text()
     assert "| BalPoE | 1 | finished |" in text and "| BS (lambda 0) | 1 | finished |" in text
     assert "| BalPoE | no prior |" in text and "| BS (lambda 0) | + prior estimated (em) |" in text

@@ -1,0 +1,96 @@
+"""What `--precision=auto` decides on this machine, and what deciding costs.
+
+    python tools/benchmark_precision.py [--flagfiles=configs/demo.flags,configs/cifar100_ir100.flags] \
+        [--json=benchmarks/precision_auto.json]
+
+For each flag file: its run's data (CIFAR, which tests and this tool do not download, is
+replaced by generated images of CIFAR's shape with the run's long-tailed class counts), then
+`experiment.choose_precision` as `tools/train.py` calls it, timed twice: with an empty cache
+(the first run of this model on this machine: measuring) and again (cached). Writes JSON and a
+Markdown table beside it.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from balpoe_tf import cli, experiment, precision, run_config  # noqa: E402
+from balpoe_tf import data as lt_data  # noqa: E402
+
+flags.DEFINE_list("flagfiles", ["configs/demo.flags", "configs/cifar100_ir100.flags"], "Runs to decide for.")
+flags.DEFINE_string("json", "benchmarks/precision_auto.json", "Where the JSON goes (and .md beside it).")
+FLAGS = flags.FLAGS
+
+# Sources not on this machine: (classes, training images per class, image shape).
+GENERATED = {"cifar10": (10, 5000, (32, 32, 3)), "cifar100": (100, 500, (32, 32, 3))}
+
+
+def run_data(config: run_config.RunConfig) -> lt_data.LabeledData:
+    if config.dataset not in GENERATED:
+        return run_config.load_data(config)
+    classes, per_class, shape = GENERATED[config.dataset]
+    rng = np.random.RandomState(0)
+    labels = np.repeat(np.arange(classes), per_class)
+    data = lt_data.from_arrays(f"generated {config.dataset}", rng.randint(0, 256, (len(labels), *shape), np.uint8),
+                               labels, np.zeros((classes, *shape), np.uint8), np.arange(classes),
+                               mean=lt_data.CIFAR_MEAN, std=lt_data.CIFAR_STD)
+    return lt_data.make_long_tailed(data, config.imbalance_ratio)
+
+
+def decide(flagfile: str) -> dict:
+    values = flags.FlagValues()
+    cli.define_flags(run_config.RunConfig, values)
+    values(["tool", f"--flagfile={flagfile}"])
+    config = cli.config_from_flags(run_config.RunConfig, values)
+    data = run_data(config)
+    strategy, gpus, cpu = tf.distribute.get_strategy(), precision.gpu_capabilities(), precision.cpu_flags()
+    row = {"flagfile": flagfile, "data": data.name, "training_images": len(data.train), "epochs": config.epochs}
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["BALPOE_TF_CACHE_DIR"] = cache
+        for when in ("first", "cached"):
+            start = time.perf_counter()
+            choice = experiment.choose_precision(config, data, strategy, gpus, cpu)
+            row[f"{when}_seconds"] = time.perf_counter() - start
+            row.setdefault("choice", dataclasses.replace(choice, cache="").to_dict())
+        row["cached_choice"] = choice.precision
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv):
+    del argv
+    rows = [decide(f) for f in FLAGS.flagfiles]
+    result = {"date": time.strftime("%Y-%m-%d"), "cpu": precision.cpu_model(),
+              "candidates": list(precision.auto_candidates(precision.gpu_capabilities(), precision.cpu_flags())),
+              "tensorflow": tf.__version__, "runs": rows}
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+    with open(FLAGS.json, "w") as f:
+        json.dump(result, f, indent=1)
+    lines = [f"`--precision=auto` on {result['cpu']} ({result['date']}, TensorFlow {result['tensorflow']}; "
+             f"candidates: {', '.join(result['candidates']) or 'none'})", "",
+             "| flag file | chosen | how | training images/s | deciding, first run | deciding, cached |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        choice = row["choice"]
+        rates = ", ".join(f"{p} {r:.0f}" for p, r in choice["rates"].items()) or "-"
+        lines.append(f"| {row['flagfile']} | {choice['precision']} | {choice['how']} | {rates} | "
+                     f"{row['first_seconds']:.2f} s | {row['cached_seconds']:.3f} s |")
+    markdown = os.path.splitext(FLAGS.json)[0] + ".md"
+    with open(markdown, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {FLAGS.json} and {markdown}")
+
+
+if __name__ == "__main__":
+    app.run(main)
