@@ -2,13 +2,14 @@
 
 import dataclasses
 import sys
+import textwrap
 import typing
 import warnings
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from balpoe_tf.config import ConfigError, RunError, refuse
+from balpoe_tf.config import ConfigError, flag_value, refuse, RunError
 from balpoe_tf.data import DataError
 from balpoe_tf.training import TrainingDiverged
 
@@ -55,6 +56,33 @@ def config_from_flags(config_class, flag_values=FLAGS):
     return config_class(**values)
 
 
+# What asks a tool for its own flags (absl's --helpfull lists absl's too).
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def tool_help(config_classes, doc: str = "") -> str:
+    """A tool's own flags for --help: `doc` (the tool's docstring), then each config class's
+    fields in the groups of its `FLAG_GROUPS` ((title, first field) pairs), each flag with its
+    default, its help and its rule."""
+    lines = [doc.strip(), ""] if doc and doc.strip() else []
+    for config_class in config_classes:
+        fields = dataclasses.fields(config_class)
+        groups = getattr(config_class, "FLAG_GROUPS", (("Flags", fields[0].name),))
+        starts = {first: title for title, first in groups}
+        for field in fields:
+            if field.name in starts:
+                lines += [f"{starts[field.name]}:"]
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            check = field.metadata.get("check")
+            text = field.metadata.get("help", "") + (f" [{check.rule}]" if check is not None else "")
+            lines.append(f"  --{field.name}={flag_value(default)}")
+            lines += textwrap.wrap(text, 100, initial_indent="      ", subsequent_indent="      ")
+        lines.append("")
+    lines.append("Flags go on the command line or in a flag file (--flagfile=FILE, later flags win); "
+                 "--helpfull also lists absl's own.")
+    return "\n".join(lines)
+
+
 def parse_flags(argv, flag_values=FLAGS):
     """absl's parsing, with a bad flag (unknown, mistyped, missing flag file) reported as
     one line and exit code 2 instead of absl's usage text."""
@@ -94,6 +122,12 @@ def run_tool(config_classes, fn):
     for config_class in classes:
         define_flags(config_class)
 
+    def parse(argv):
+        if any(a in HELP_FLAGS for a in argv[1:]):
+            print(tool_help(classes, getattr(sys.modules["__main__"], "__doc__", "")))
+            sys.exit(0)
+        return parse_flags(argv)
+
     def main(argv):
         del argv  # parse_flags refused positional arguments
         warnings.formatwarning = _one_line_warning
@@ -102,5 +136,5 @@ def run_tool(config_classes, fn):
             absl_logging.set_verbosity(absl_logging.WARNING)
         return _run_reporting_errors(lambda: fn(*(config_from_flags(c) for c in classes)))
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse)
 

@@ -84,16 +84,40 @@ def flag_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def problem(name: str, value, rule: str) -> str:
+    """The error line for flag `name` holding `value` that breaks `rule`."""
+    return f"--{name}={flag_value(value)}: must be {rule}"
+
+
 def refuse(name: str, value, rule: str):
     """Raise the one-line error for flag `name` holding `value` that breaks `rule`."""
-    raise ConfigError(f"--{name}={flag_value(value)}: must be {rule}")
+    raise ConfigError(problem(name, value, rule))
 
 
-def validate(config):
-    """Check every field of a config dataclass against its rule; raise `ConfigError` for
-    the first that breaks it."""
+def invalid_fields(config) -> set:
+    """The names of the fields of a config dataclass that break their rule."""
+    return {f.name for f in dataclasses.fields(config)
+            if f.metadata.get("check") is not None and not f.metadata["check"].ok(getattr(config, f.name))}
+
+
+def validate(config, contradictions: Sequence[str] = (), fixes: Sequence[str] = ()):
+    """Check every field of a config dataclass against its rule, and raise one `ConfigError`
+    naming every field that breaks it and every contradiction between settings the caller
+    found (`problem` lines), with the flags that mend them (`fixes`) ready to paste.
+
+    One problem is one line; several are a count and one line each."""
+    found = []
     for field in dataclasses.fields(config):
         check = field.metadata.get("check")
         value = getattr(config, field.name)
         if check is not None and not check.ok(value):
-            refuse(field.name, value, check.rule)
+            rule = check.rule
+            if isinstance(value, float) and not math.isfinite(value) and "finite" not in rule:
+                rule = f"a finite number {rule}" if rule.startswith((">", "<", "in ")) else f"a finite number, {rule}"
+            found.append(problem(field.name, value, rule))
+    found += list(contradictions)
+    if len(found) == 1:
+        raise ConfigError(found[0] + (f"; fix: {' '.join(fixes)}" if fixes else ""))
+    if found:
+        raise ConfigError(f"{len(found)} settings must change:\n  " + "\n  ".join(found)
+                          + (f"\nfix: add {' '.join(fixes)}" if fixes else ""))

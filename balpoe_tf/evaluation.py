@@ -203,7 +203,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
                 estimator, primary = mode
                 balanced = logits - trained_log_prior
                 prior = label_shift.estimate_prior(estimator, balanced, base, holdout,
-                                                   safeguard_level=safeguard_level)
+                                                   safeguard_level=safeguard_level, what=f"the {name} test set")
                 adapted = label_shift.adapt(balanced, prior, label_shift.estimator_calibration(estimator, holdout))
                 metrics = set_metrics(labels, adapted, train_counts)
                 metrics.update(estimator=estimator, prior=prior.tolist(),
@@ -440,15 +440,14 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
         tuple(d for d in config.distributions.split(",") if d)
     modes = tuple(m for m in config.priors.split(",") if m)
     output_dir = config.output_dir or os.path.join(runs[0], "evaluation")
+    run_folder.check_writable_folder(output_dir, "output_dir")
     results, details = {}, {}
     for run_dir in runs:
         model, record = run_folder.load_run(run_dir)
         saved_config = _run_config(record, config)
-        data = run_config.load_data(saved_config)
+        data = run_config.load_data(saved_config, os.path.join(run_dir, run_folder.IMAGE_RECORD), splits=("test",))
         train_counts = record["data"]["train_counts"]
-        if data.num_classes != model.num_classes or data.train_counts().tolist() != train_counts:
-            raise lt_data.DataError(f"the data loaded now ({data.name}, {data.num_classes} classes) is not "
-                                    f"the data {run_dir} was trained on: check the data flags")
+        check_same_test_data(data, record, run_dir, model.num_classes)
         name = os.path.basename(os.path.normpath(run_dir))
         log(f"{name}: predicting {len(data.test)} test images")
         progress = Progress(f"{name}: predicting", lt_data.steps_per_epoch(len(data.test), config.batch_size),
@@ -477,6 +476,24 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
         log(f.read())
     log("reports: " + ", ".join(paths.values()))
     return results
+
+
+def check_same_test_data(data: lt_data.LabeledData, record: dict, run_dir: str, num_classes: int):
+    """Refuse test data other than the run's: by the test split's fingerprint (labels and image
+    bytes or pixels) where the run recorded one, by the class counts for runs from before."""
+    saved = record["data"].get("test_fingerprint")
+    now = lt_data.fingerprint(data.test)
+    if data.num_classes != num_classes:
+        raise lt_data.DataError(f"the data loaded now ({data.name}) has {data.num_classes} classes, {run_dir} was "
+                                f"trained on {num_classes}: check the data flags")
+    if saved and now != saved:
+        raise lt_data.DataError(f"the test data loaded now ({data.name}, {len(data.test)} images) is not the test "
+                                f"data {run_dir} was evaluated on at training: fingerprint {now} now, {saved} in its "
+                                "config.json (labels and images are compared, not only class counts): check "
+                                "--data_path / --data_root / --data_dir")
+    if not saved and data.train_counts().tolist() != record["data"]["train_counts"]:
+        raise lt_data.DataError(f"the data loaded now ({data.name}, {data.num_classes} classes) is not the data "
+                                f"{run_dir} was trained on: check the data flags")
 
 
 def usable_estimators(names: Sequence[str], has_holdout: bool) -> list:

@@ -17,9 +17,11 @@ from balpoe_tf import data as lt_data
 from balpoe_tf.callbacks import BalPoETensorBoard, DivergenceGuard, EpochCheckpoint, ProgressLine, write_final_metrics
 from balpoe_tf.config import RunError
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
-from balpoe_tf.run_config import baseline_config, config_to_flags, load_data, RUN_CONTROL, RunConfig, STRATEGIES
-from balpoe_tf.run_folder import (check_run_folder, config_path, load_latest_checkpoint, load_model_file,
-                                  read_run_record, resumed_run_settings)
+from balpoe_tf.run_config import (baseline_config, config_to_flags, load_data, quick_config, RUN_CONTROL, RunConfig,
+                                  STRATEGIES, test_batch_size)
+from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, config_path, finished_results,
+                                  IMAGE_RECORD, load_latest_checkpoint, load_model_file, read_run_record,
+                                  resumed_run_settings)
 
 
 def make_schedule(config: RunConfig, steps_per_epoch: int):
@@ -69,7 +71,10 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models
                  "test_size": len(data.test), "train_counts": data.train_counts().tolist(),
                  "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
                  "test_crop": data.test_crop,
-                 "image_shape": list(data.image_shape)},
+                 "image_shape": list(data.image_shape),
+                 "train_fingerprint": lt_data.fingerprint(data.train),
+                 "test_fingerprint": lt_data.fingerprint(data.test),
+                 "left_out": [{"path": path, "reason": reason} for path, reason in data.left_out]},
         "precision_choice": choice,
         "steps_per_epoch": steps_per_epoch,
         "lr_by_epoch": [float(schedule.epoch_lr(e)) for e in range(config.epochs)],
@@ -205,14 +210,25 @@ def train(config: RunConfig, log: Callable[[str], None] = print,
         Final test metrics (empty for a dry run).
     """
     strategy = make_strategy(config.strategy)  # first: collectives must precede other TF work
-    config = _worker_config(config, strategy)
+    config = _worker_config(quick_config(config), strategy)
+    check_writable_folder(config.output_dir, "output_dir")
     if not config.dry_run:
         check_run_folder(config)
+        finished = finished_results(config.output_dir, config.epochs)
+        if finished is not None:
+            log(f"{config.output_dir} has finished all {config.epochs} epochs (balanced accuracy "
+                f"{100 * finished.get('accuracy', float('nan')):.1f} %): nothing to do. tools/evaluate.py evaluates "
+                f"it, tools/export.py --run_dir={config.output_dir} exports it again")
+            return finished
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    data = load_data(config)
+    data = load_data(config, None if config.dry_run else os.path.join(config.output_dir, IMAGE_RECORD))
     log(f"data {data.name}: {len(data.train)} training images in {data.num_classes} classes "
         f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
+    if data.left_out:
+        log(f"left out {len(data.left_out)} image file(s) that cannot be used (--bad_images=skip; all listed in "
+            f"config.json): " + "; ".join(f"{path}: {reason}" for path, reason in data.left_out[:3])
+            + (" ..." if len(data.left_out) > 3 else ""))
     gpus, flags = precision_lib.gpu_capabilities(), precision_lib.cpu_flags()
     choice = precision if precision and config.precision == "auto" else choose_precision(
         config, data, strategy, gpus, flags)
@@ -239,9 +255,9 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
         f"{models.count_params(model):,} parameters; {steps} steps/epoch")
 
     train_ds = lt_data.train_pipeline(data, config.batch_size, config.epochs, config.seed,
-                                      config.augment, start_epoch, config.bad_images)
-    test_batch = max(config.batch_size, 256)
-    test_ds = lt_data.test_pipeline(data, test_batch, bad_images=config.bad_images)
+                                      config.augment, start_epoch)
+    test_batch = test_batch_size(config)
+    test_ds = lt_data.test_pipeline(data, test_batch)
     if config.dry_run:
         images, labels = next(iter(train_ds))
         logs = model.train_on_batch(images, labels, return_dict=True)
@@ -299,7 +315,7 @@ def calibrate_on_holdout(model, data: lt_data.LabeledData, config: RunConfig, ba
     """Predict the held-out split, store its balanced logits in the run folder and fit the
     calibrations test-time prior estimation uses (`label_shift.Holdout`)."""
     labels, logits, _ = models.predict_dataset(
-        model, lt_data.test_pipeline(data, batch_size, split=data.holdout, bad_images=config.bad_images))
+        model, lt_data.test_pipeline(data, batch_size, split=data.holdout))
     trained_log_prior = label_shift.trained_log_prior(data.train_counts(), float(np.mean(config.lambdas)))
     return label_shift.save_holdout(config.output_dir, labels, logits.astype(np.float64) - trained_log_prior,
                                     data.train_counts())
@@ -312,7 +328,10 @@ def _eval_epochs(config: RunConfig, start_epoch: int) -> list:
 
 
 def train_with_baselines(config: RunConfig, log: Callable[[str], None] = print) -> dict:
-    """Train `config`, then each baseline of `config.compare`; print and save the table."""
+    """Train `config`, then each baseline of `config.compare`; print and save the table. A
+    quick run (--quick) trains in OUTPUT_DIR/quick, without baselines."""
+    if config.quick:
+        config = dataclasses.replace(quick_config(config), output_dir=os.path.join(config.output_dir, "quick"))
     for name in config.compare:
         baseline_config(config, name)  # unknown names fail before any training
     label = "BalPoE" if config.num_experts > 1 else "run"

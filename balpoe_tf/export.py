@@ -8,7 +8,8 @@ top_k_scores, top_k_names):
 
 - `serving_default(images)`: encoded JPEG / PNG / GIF / BMP bytes, `[batch]` strings;
   decoding, resizing and normalisation happen in the graph.
-- `predict_tensor(images)`: `[batch, H, W, C]` float32, already normalised.
+- `predict_tensor(images)`: `[batch, H, W, C]` float32, already normalised (`PREDICT_TENSOR_INPUT`;
+  the metadata holds the image shape, mean and std).
 - `predict_with_prior(images, prior)`: bytes plus a target prior of C values; the post-hoc
   adjustment `+ log p - lambda_bar * log pi_train` is applied in the graph.
 - `predict_with_log_prior(images, log_prior)`: the same with the prior's log.
@@ -33,16 +34,17 @@ from balpoe_tf import precision as precision_lib
 from balpoe_tf.config import RunError, NON_EMPTY, at_least, config_field, greater_than, one_of, validate
 from balpoe_tf.data import PRIOR_FLOOR
 from balpoe_tf.precision import PRECISIONS
-from balpoe_tf.run_folder import load_run, read_run_record
+from balpoe_tf.run_folder import check_writable_folder, load_run, read_run_record
 
 # Classes and training prior of an export, in its assets.extra folder.
 METADATA_NAME = "balpoe_tf.json"
 
 SIGNATURES = ("serving_default", "predict_tensor", "predict_with_prior", "predict_with_log_prior")
 
-# Images above this many pixels are refused before decoding: decoding and resizing a
-# 40-megapixel image takes about 1 GB (measured: 8000 x 8000 with a centre crop, 1.5 GB).
-MAX_IMAGE_PIXELS = 40_000_000
+# What predict_tensor takes, in words, for the metadata.
+PREDICT_TENSOR_INPUT = ("float32 [batch, H, W, C] (image_shape): each image's pixels, 0-255 in RGB order (or grey), "
+                        "after the test transform (resized to H x W, or with test_crop > 0 the shorter side resized "
+                        "to H / test_crop and the centre H x W cropped), normalised as (pixels / 255 - mean) / std")
 
 
 def next_version(export_dir: str) -> int:
@@ -52,7 +54,7 @@ def next_version(export_dir: str) -> int:
 
 
 def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: float, top_k: int = 5,
-                      test_crop: float = 0.0, max_pixels: int = MAX_IMAGE_PIXELS, calibration=None):
+                      test_crop: float = 0.0, max_pixels: int = lt_data.MAX_IMAGE_PIXELS, calibration=None):
     """The serving functions of `model` (see the module docstring).
 
     Args:
@@ -92,19 +94,27 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
             logits, experts = logits + bias, experts + bias
         return outputs(logits, experts)
 
-    def decode_one(contents):
+    def decode_one(element):
+        index, contents = element
+        # Checked one after another, each naming the image's place in the batch (from 0): a
+        # decoder's own error would not say which image it was.
         checks = [
-            tf.debugging.assert_positive(tf.strings.length(contents), message="an image is empty (0 bytes)"),
-            tf.debugging.assert_less_equal(
-                lt_data.image_pixels(contents), tf.constant(max_pixels, tf.int64),
-                message=f"an image has more than {max_pixels:,} pixels (x: its width x height): "
-                        "downscale it before sending"),
+            (lambda c: tf.strings.length(c) > 0, "is empty (0 bytes)"),
+            (lt_data.image_file_ok, "is not a JPEG, PNG, GIF or BMP image"),
+            (lt_data.image_complete, "is truncated (its end is missing)"),
+            (lt_data.decodes_as_pillow, "is a BMP of 8 bits or fewer per pixel: send it as PNG"),
+            (lambda c: lt_data.image_pixels(c) <= max_pixels,
+             f"has more than {max_pixels:,} pixels (width x height): downscale it before sending"),
         ]
-        with tf.control_dependencies(checks):
-            return lt_data.test_transform(tf.identity(contents), shape, test_crop)
+        for holds, problem in checks:
+            with tf.control_dependencies([tf.debugging.Assert(holds(contents), [tf.strings.format(
+                    "image {} of the batch " + problem, [index])])]):
+                contents = tf.identity(contents)
+        return lt_data.test_transform(contents, shape, test_crop)
 
     def decode(images):
-        return normalize(tf.map_fn(decode_one, images, fn_output_signature=tf.TensorSpec(shape, tf.float32)))
+        indexed = (tf.range(tf.size(images), dtype=tf.int64), images)
+        return normalize(tf.map_fn(decode_one, indexed, fn_output_signature=tf.TensorSpec(shape, tf.float32)))
 
     def check_length(prior):
         return tf.debugging.assert_equal(tf.size(prior), num_classes,
@@ -154,7 +164,7 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
 
 def export_saved_model(model, export_dir: str, mean, std, class_names, train_counts,
                        mean_lambda: float, top_k: int = 5, test_crop: float = 0.0,
-                       max_pixels: int = MAX_IMAGE_PIXELS, calibration=None) -> str:
+                       max_pixels: int = lt_data.MAX_IMAGE_PIXELS, calibration=None) -> str:
     """Write the next version of `model` under `export_dir`; returns its folder. A
     `label_shift.Calibration` goes into the metadata, for estimating deployment priors."""
     path = os.path.join(export_dir, str(next_version(export_dir)))
@@ -170,13 +180,14 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
     with open(os.path.join(path, "assets.extra", METADATA_NAME), "w") as f:
         json.dump({"class_names": [str(n) for n in class_names], "train_counts": [int(c) for c in train_counts],
                    "mean_lambda": float(mean_lambda), "image_shape": list(model.image_shape),
-                   "test_crop": float(test_crop), "precision": model.dtype_policy.name,
+                   "test_crop": float(test_crop), "mean": [float(m) for m in mean], "std": [float(v) for v in std],
+                   "predict_tensor_input": PREDICT_TENSOR_INPUT, "precision": model.dtype_policy.name,
                    "calibration": None if calibration is None else calibration.to_dict()}, f, indent=1)
     return path
 
 
-def export_run(model, record: dict, export_dir: str, top_k: int = 5, max_pixels: int = MAX_IMAGE_PIXELS,
-               calibration=None) -> str:
+def export_run(model, record: dict, export_dir: str, top_k: int = 5,
+               max_pixels: int = lt_data.MAX_IMAGE_PIXELS, calibration=None) -> str:
     """Export a run from its model and run record (config.json of tools/train.py)."""
     data = record["data"]
     return export_saved_model(model, export_dir, data["mean"], data["std"], data["class_names"],
@@ -194,8 +205,8 @@ class ExportConfig:
     export_dir: str = config_field("", "Where the versions go (default RUN_DIR/export).")
     top_k: int = config_field(5, "How many classes the top-k outputs hold (at most the class count).",
                               at_least(1))
-    max_image_megapixels: float = config_field(MAX_IMAGE_PIXELS / 1e6, "Image-bytes signatures refuse larger "
-                                               "images (read from the header, before decoding).",
+    max_image_megapixels: float = config_field(lt_data.MAX_IMAGE_PIXELS / 1e6, "Image-bytes signatures refuse "
+                                               "larger images (read from the header, before decoding).",
                                                greater_than(0))
     precision: str = config_field("float32", "Precision the SavedModel computes in, whatever the run trained in. "
                                              "float32 serves well on any machine; a mixed precision can be faster "
@@ -235,6 +246,8 @@ def serving_precision(run_dir: str) -> precision_lib.PrecisionChoice:
 
 
 def export_from_config(config: ExportConfig, log=print) -> str:
+    export_dir = config.export_dir or os.path.join(config.run_dir, "export")
+    check_writable_folder(export_dir, "export_dir")
     precision = config.precision
     if precision == "auto":
         choice = serving_precision(config.run_dir)
@@ -242,7 +255,7 @@ def export_from_config(config: ExportConfig, log=print) -> str:
         precision = choice.precision
     model, record = load_run(config.run_dir, precision)
     holdout = label_shift.load_holdout(config.run_dir)
-    path = export_run(model, record, config.export_dir or os.path.join(config.run_dir, "export"), config.top_k,
+    path = export_run(model, record, export_dir, config.top_k,
                       int(config.max_image_megapixels * 1e6), None if holdout is None else holdout.calibration)
     log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)}; computes in "
         f"{model.dtype_policy.name})")

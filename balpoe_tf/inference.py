@@ -70,6 +70,7 @@ class Classifier:
     from encoded image bytes to balanced logits `(N, C)`."""
 
     class_names: List[str]
+    image_shape: tuple
     train_counts: List[int]
     mean_lambda: float
     balanced_logits: Callable[[Sequence[bytes]], np.ndarray]
@@ -90,7 +91,17 @@ def _saved_model_dir(path: str) -> Optional[str]:
 
 
 def load_classifier(path: str) -> Classifier:
-    """A `Classifier` from a run folder (its model.keras) or an exported SavedModel."""
+    """A `Classifier` from a run folder (its model.keras) or an exported SavedModel; a run's
+    model.keras (or checkpoint) or a SavedModel's saved_model.pb stands for its folder."""
+    if os.path.isfile(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        if path.endswith(".keras"):  # RUN/model.keras, or RUN/checkpoints/epoch_N.keras
+            folder = folder if os.path.isfile(os.path.join(folder, "config.json")) else os.path.dirname(folder)
+        if not (os.path.isfile(os.path.join(folder, "config.json"))
+                or os.path.isfile(os.path.join(folder, "saved_model.pb"))):
+            raise RunError(f"--model {path!r} is a file outside a run folder or SavedModel: --model takes a run "
+                           "folder of tools/train.py (holding config.json and model.keras) or a SavedModel folder")
+        path = folder
     if not os.path.isdir(path):
         raise RunError(f"--model {path!r} does not exist: pass a run folder or an exported SavedModel")
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -105,7 +116,7 @@ def load_classifier(path: str) -> Classifier:
             images = tf.stack([lt_data.test_transform(c, shape, data.get("test_crop", 0.0)) for c in contents])
             return forward(normalize(images))["logits"].numpy().astype(np.float64) - bias
 
-        return Classifier(list(data["class_names"]), data["train_counts"], mean_lambda, balanced, path,
+        return Classifier(list(data["class_names"]), shape, data["train_counts"], mean_lambda, balanced, path,
                           holdout=label_shift.load_holdout(path))
     saved = _saved_model_dir(path)
     if saved is None:
@@ -124,7 +135,8 @@ def load_classifier(path: str) -> Classifier:
         return signature(images=tf.constant(list(contents)), log_prior=zeros)["logits"].numpy().astype(np.float64)
 
     calibration = meta.get("calibration")
-    return Classifier(meta["class_names"], meta["train_counts"], meta["mean_lambda"], balanced, saved,
+    return Classifier(meta["class_names"], tuple(meta["image_shape"]), meta["train_counts"], meta["mean_lambda"],
+                      balanced, saved,
                       calibration=None if calibration is None else label_shift.Calibration.from_dict(calibration))
 
 
@@ -151,22 +163,6 @@ def image_paths(inputs: Sequence[str]) -> List[str]:
     return paths
 
 
-def unreadable_reason(contents: bytes) -> Optional[str]:
-    """Why encoded bytes are not an image the model can take, or None."""
-    if not contents:
-        return "empty file"
-    if not bool(lt_data.image_file_ok(tf.constant(contents))):
-        return "not a JPEG, PNG, GIF or BMP image"
-    pixels = int(lt_data.image_pixels(tf.constant(contents)))
-    if pixels > export.MAX_IMAGE_PIXELS:
-        return f"{pixels:,} pixels, more than {export.MAX_IMAGE_PIXELS:,}: downscale it"
-    try:
-        tf.io.decode_image(contents, expand_animations=False)
-    except tf.errors.InvalidArgumentError as e:
-        return f"cannot be decoded ({e.message.splitlines()[0]})"
-    return None
-
-
 def parse_prior(text: str, num_classes: int) -> np.ndarray:
     """A prior from a comma list or a file (counts or probabilities), normalised."""
     source = text
@@ -182,6 +178,9 @@ def parse_prior(text: str, num_classes: int) -> np.ndarray:
     try:
         prior = np.array([float(v) for v in values], np.float64)
     except (TypeError, ValueError):
+        if len(values) == 1:  # one word that is not a number: a file's name
+            raise lt_data.DataError(f"--prior={text}: file not found (give a file of numbers or a JSON list, or "
+                                    f"{num_classes} comma-separated counts or probabilities)") from None
         raise lt_data.DataError(f"--prior {text!r}: expected {num_classes} numbers (counts or probabilities)")
     if prior.shape != (num_classes,) or (prior < 0).any() or not np.isfinite(prior).all() or prior.sum() <= 0:
         raise lt_data.DataError(f"--prior {text!r}: expected {num_classes} non-negative numbers with a positive "
@@ -196,6 +195,9 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
         `{"prior": mode, "prior_values": list or None, "predictions": [{"path", "top_k":
         [{"class", "name", "probability"}]}], "skipped": [{"path", "reason"}]}`.
     """
+    for flag in ("output", "save_prior"):
+        if getattr(config, flag):
+            run_folder.check_writable_file(getattr(config, flag), flag)
     classifier = load_classifier(config.model)
     num_classes = len(classifier.class_names)
     known = parse_prior(config.prior, num_classes) if config.prior else None
@@ -203,13 +205,12 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
     for path in image_paths(config.inputs):
         try:
             with open(path, "rb") as f:
-                raw = f.read()
-            reason = unreadable_reason(raw)
+                reason, usable = lt_data.inspect_bytes(f.read(), classifier.image_shape[-1])
         except OSError as e:
-            raw, reason = b"", f"cannot be read ({e.strerror})"
-        if reason is None:
+            reason = f"cannot be read ({e.strerror})"
+        if not reason:
             good.append(path)
-            contents.append(raw)
+            contents.append(usable)
             continue
         if config.bad_images == "fail":
             raise lt_data.DataError(f"{path}: {reason} (use --bad_images=skip to leave such files out)")
@@ -227,7 +228,7 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
         model_prior = label_shift.model_prior(classifier.train_counts, classifier.mean_lambda)
         try:
             prior = label_shift.estimate_prior(config.prior_estimator, balanced, model_prior, classifier.holdout,
-                                               classifier.calibration, config.prior_safeguard)
+                                               classifier.calibration, config.prior_safeguard, "the given images")
         except ValueError as e:
             raise RunError(f"{config.model}: {e}") from None
         calibration = label_shift.estimator_calibration(config.prior_estimator, classifier.holdout,

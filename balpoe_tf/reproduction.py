@@ -309,6 +309,7 @@ class ReproduceConfig:
 def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable[[str], None] = print) -> list:
     """Train every (seed, method) run that has not finished, one at a time (each resumes
     from its last checkpoint), then write and print the report; returns its entries."""
+    run_folder.check_writable_folder(config.run_root, "run_root")
     if config.train:
         runs = [(method, seed, method_config(base, method, seed, config.run_root)) for seed in config.seeds
                 for method in config.methods]

@@ -3,14 +3,17 @@ files in `configs/` set exactly these names), the baselines, and the data a conf
 
 import dataclasses
 import os
-from typing import List
+from typing import List, Optional, Sequence
 
 from balpoe_tf import models
 from balpoe_tf.precision import MIN_SPEEDUP, PRECISIONS
 from balpoe_tf import data as lt_data
-from balpoe_tf.config import (at_least, between, Check, config_field, each, either, FINITE, greater_than, NON_EMPTY,
-                              one_of, refuse, RunError, validate)
+from balpoe_tf.config import (at_least, between, Check, config_field, each, either, FINITE, greater_than,
+                              invalid_fields, NON_EMPTY, one_of, problem, RunError, validate)
 
+
+# A quick run trains on at most this many batches per epoch and tests on at most this many.
+QUICK_BATCHES = 5
 
 # Baselines in the same code: name -> overrides.
 BASELINES = {
@@ -33,6 +36,10 @@ class RunConfig:
 
     Making one checks every value against its rule and the settings against each other
     (`ConfigError` names the flag, its value and what it may be)."""
+
+    # The groups of tools/train.py --help: title and first field.
+    FLAG_GROUPS = (("Run folder", "output_dir"), ("Data", "dataset"), ("Model", "backbone"),
+                   ("Optimisation", "epochs"), ("Run control", "eval_every"))
 
     output_dir: str = config_field("runs/demo", "Run folder: flags, checkpoints, TensorBoard logs, results.",
                                    NON_EMPTY)
@@ -77,8 +84,11 @@ class RunConfig:
     holdout_fraction: float = config_field(0.0, "Share of each class's training images set aside (never trained "
                                                 "on) to calibrate the ensemble for test-time prior estimation "
                                                 "(0: none, as in the paper).", between(0, 0.5, open_high=True))
-    bad_images: str = config_field("fail", "Image files that are not images: 'fail' naming the file, "
-                                           "or 'skip' them with a message.", one_of(("fail", "skip")))
+    bad_images: str = config_field("fail", "Image files that cannot be used (empty, not an image, truncated or "
+                                           "damaged, over 40 megapixels), all found before training: 'fail' "
+                                           "naming them, or 'skip' them (listed in the log and config.json; class "
+                                           "counts and the prior are those of the images used).",
+                                   one_of(("fail", "skip")))
     # Model.
     backbone: str = config_field("resnet32", "Backbone.", one_of(sorted(models.BACKBONES)))
     num_experts: int = config_field(3, "Number of experts M.", at_least(1))
@@ -124,23 +134,34 @@ class RunConfig:
     compare: List[str] = config_field([], "Baselines to train after this run with the same data and "
                                       "schedule, and to put in the result table.", each(one_of(BASELINES)))
     dry_run: bool = config_field(False, "Build data and model, run one training step and one test batch, exit.")
+    quick: bool = config_field(False, "Check this flag file end to end in minutes, in OUTPUT_DIR/quick: 2 epochs "
+                                      f"of at most {QUICK_BATCHES} batches, at most {QUICK_BATCHES} test batches, "
+                                      "no warm-up or LR steps, no baselines.")
     export: bool = config_field(True, "At the end, export a TF Serving SavedModel to RUN/export/<version>.")
     progress_every: float = config_field(30.0, "Inside an epoch or evaluation, seconds between progress lines "
                                                "when output is not a terminal (0: none); a terminal gets one "
                                                "updating line.", at_least(0))
 
     def __post_init__(self):
-        validate(self)
-        if len(self.lambdas) != self.num_experts:
-            refuse("lambdas", self.lambdas, f"one value per expert: {self.num_experts} for "
-                   f"--num_experts={self.num_experts}")
-        if self.warmup_epochs > self.epochs:
-            refuse("warmup_epochs", self.warmup_epochs, f"at most --epochs={self.epochs}")
-        if self.schedule == "step" and (sorted(set(self.milestones)) != self.milestones
-                                        or any(m >= self.epochs for m in self.milestones)):
-            refuse("milestones", self.milestones, f"strictly increasing epochs below --epochs={self.epochs}")
-        if self.nesterov and self.momentum == 0:
-            refuse("momentum", self.momentum, "> 0 with --nesterov (or pass --nonesterov)")
+        problems, fixes = [], []
+        invalid = invalid_fields(self)  # reported alone: what contradicts them would only repeat them
+        if len(self.lambdas) != self.num_experts and "num_experts" not in invalid:
+            problems.append(problem("lambdas", self.lambdas, f"one value per expert: {self.num_experts} for "
+                                    f"--num_experts={self.num_experts}"))
+        if not self.quick and not invalid & {"epochs", "warmup_epochs", "milestones"}:
+            # (a quick run drops the warm-up and the LR steps)
+            if self.warmup_epochs > self.epochs:
+                problems.append(problem("warmup_epochs", self.warmup_epochs, f"at most --epochs={self.epochs}"))
+                fixes.append(f"--warmup_epochs={self.epochs // 2}")
+            below = sorted({m for m in self.milestones if 0 <= m < self.epochs})
+            if self.schedule == "step" and below != self.milestones:
+                problems.append(problem("milestones", self.milestones,
+                                        f"strictly increasing epochs below --epochs={self.epochs}"))
+                fixes.append(f"--milestones={','.join(map(str, below))}")
+        if self.nesterov and self.momentum == 0 and "momentum" not in invalid:
+            problems.append(problem("momentum", self.momentum, "> 0 with --nesterov (or pass --nonesterov)"))
+            fixes.append("--nonesterov")
+        validate(self, problems, fixes)
 
 
 # Settings that do not change what a run computes, so a resumed run may differ in them.
@@ -160,7 +181,17 @@ def baseline_config(config: RunConfig, name: str) -> RunConfig:
                                compare=[], **overrides)
 
 
-def load_data(config: RunConfig) -> lt_data.LabeledData:
+def load_data(config: RunConfig, image_record: Optional[str] = None,
+              splits: Sequence[str] = ("train", "holdout", "test")) -> lt_data.LabeledData:
+    """The data a run config names, long-tailed, with its held-out split and its image files
+    checked (`data.check_image_files`).
+
+    Args:
+        config: the run settings.
+        image_record: the folder where the checked files are recorded (a resumed run or an
+            evaluation then checks only changed files); None keeps no record.
+        splits: the splits whose image files are checked.
+    """
     if config.tfds_images:
         if config.dataset != "list":
             raise RunError("--tfds_images goes with --dataset=list (the lists name the images to take)")
@@ -174,7 +205,26 @@ def load_data(config: RunConfig) -> lt_data.LabeledData:
         mean=config.mean or None, std=config.std or None, test_crop=config.test_crop,
         split_train=config.tfds_split_train, split_test=config.tfds_split_test, image_key=config.tfds_image_key,
         label_key=config.tfds_label_key, in_memory=config.tfds_in_memory)
-    return lt_data.hold_out(data, config.holdout_fraction) if config.holdout_fraction else data
+    if config.holdout_fraction:
+        data = lt_data.hold_out(data, config.holdout_fraction)
+    if config.quick:
+        data = lt_data.subsample(data, QUICK_BATCHES * config.batch_size, QUICK_BATCHES * test_batch_size(config))
+    return lt_data.check_image_files(data, config.bad_images, image_record, splits)
+
+
+def test_batch_size(config: RunConfig) -> int:
+    """The batch of a run's evaluations: its training batch, at least 256."""
+    return max(config.batch_size, 256)
+
+
+def quick_config(config: RunConfig) -> RunConfig:
+    """The settings a run trains with: with --quick, at most 2 epochs, no warm-up, no LR steps,
+    an evaluation and a checkpoint every epoch, and no baselines (the data is cut by
+    `load_data`); without it, `config` as it is."""
+    if not config.quick:
+        return config
+    return dataclasses.replace(config, epochs=min(config.epochs, 2), warmup_epochs=0, milestones=[], compare=[],
+                               eval_every=1, checkpoint_every=1)
 
 
 def config_to_flags(config: RunConfig) -> str:

@@ -19,6 +19,42 @@ from balpoe_tf.run_config import RUN_CONTROL, RunConfig
 
 CHECKPOINT_PATTERN = "checkpoints/epoch_{:04d}.keras"
 
+# The run folder's record of checked image files (`data.check_image_files`).
+IMAGE_RECORD = "image_check"
+
+
+def check_writable_folder(path: str, flag: str):
+    """Refuse, before any work, a folder a tool cannot write in: `RunError` naming the flag,
+    the path and the problem. A folder that does not exist yet is fine where it can be made.
+
+    Args:
+        path: the folder the tool will write in.
+        flag: the flag that named it, for the message.
+    """
+    import tempfile
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunError(f"--{flag}={path}: is a file, not a folder: give a folder (new or existing)")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RunError(f"--{flag}={path}: cannot be made, {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        where = "" if existing == os.path.abspath(path) else f" (in {existing}, where it would be made)"
+        raise RunError(f"--{flag}={path}: cannot write there{where}: {e.strerror}; choose a folder you can "
+                       "write to") from None
+
+
+def check_writable_file(path: str, flag: str):
+    """`check_writable_folder` for the folder of an output file, and the file not a folder."""
+    if os.path.isdir(path):
+        raise RunError(f"--{flag}={path}: is a folder, not a file: give a file name")
+    check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
+
 
 def config_path(output_dir):
     return os.path.join(output_dir, "config.json")
@@ -124,6 +160,20 @@ def check_run_folder(config: RunConfig):
         raise RunError(f"{config.output_dir} holds a checkpoint of a different run ("
                        + "; ".join(diffs) + "): use a new --output_dir, or the saved settings "
                        f"(--flagfile={os.path.join(config.output_dir, 'flags.txt')}) to resume it")
+
+
+def finished_results(output_dir: str, epochs: int):
+    """The final test metrics of a run that has finished all `epochs` in `output_dir` (its
+    results.json beside its model.keras), or None."""
+    path = os.path.join(output_dir, "results.json")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(output_dir, "model.keras"))):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved.get("test") if saved.get("epochs") == epochs else None
 
 
 def load_run(run_dir: str, precision: str = ""):

@@ -32,7 +32,9 @@ def test_checks_say_their_rule():
 BAD_VALUES = [
     (run_config.RunConfig, ["--batch_size=0"], "--batch_size=0: must be >= 1"),
     (run_config.RunConfig, ["--lr=-1"], "--lr=-1: must be > 0"),
-    (run_config.RunConfig, ["--lr=nan"], "--lr=nan: must be > 0"),
+    (run_config.RunConfig, ["--lr=nan"], "--lr=nan: must be a finite number > 0"),
+    (run_config.RunConfig, ["--lr=inf"], "--lr=inf: must be a finite number > 0"),
+    (run_config.RunConfig, ["--mixup_alpha=inf"], "--mixup_alpha=inf: must be a finite number, 0 (no mixup) or > 0"),
     (run_config.RunConfig, ["--mixup_alpha=-0.5"], "--mixup_alpha=-0.5: must be 0 (no mixup) or > 0"),
     (run_config.RunConfig, ["--epochs=0"], "--epochs=0: must be >= 1"),
     (run_config.RunConfig, ["--momentum=1"], "--momentum=1: must be in [0, 1)"),
@@ -111,6 +113,39 @@ def test_good_values_pass():
     assert _parse(export.ExportConfig, ["--run_dir=r"]).top_k == 5
     for path in sorted((REPO / "configs").glob("*.flags")):  # every shipped setting is valid
         _parse(run_config.RunConfig, [f"--flagfile={path}"])
+
+
+def test_every_contradiction_is_reported_at_once_with_a_fix_to_paste():
+    refused = []
+    for flagfile in sorted((REPO / "configs").glob("*.flags")):
+        try:
+            _parse(run_config.RunConfig, [f"--flagfile={flagfile}", "--epochs=2"])
+            continue  # no warm-up, no LR steps: 2 epochs are fine
+        except config.ConfigError as error:
+            lines = str(error).splitlines()
+        refused.append(flagfile.name)
+        fix = lines[-1].removeprefix("fix: add ") if len(lines) > 1 else lines[0].split("; fix: ")[1]
+        # The fix, pasted after the same flags, gives valid settings.
+        fixed = _parse(run_config.RunConfig, [f"--flagfile={flagfile}", "--epochs=2", *fix.split()])
+        assert fixed.epochs == 2, flagfile
+    assert "cifar100_ir100.flags" in refused and "demo.flags" in refused
+    with pytest.raises(config.ConfigError) as error:
+        _parse(run_config.RunConfig, ["--flagfile=configs/cifar100_ir100.flags", "--epochs=2", "--lr=0",
+                                      "--momentum=0"])
+    assert str(error.value).splitlines() == [
+        "4 settings must change:",
+        "  --lr=0: must be > 0",
+        "  --warmup_epochs=5: must be at most --epochs=2",
+        "  --milestones=160,180: must be strictly increasing epochs below --epochs=2",
+        "  --momentum=0: must be > 0 with --nesterov (or pass --nonesterov)",
+        "fix: add --warmup_epochs=1 --milestones= --nonesterov"]
+    # A quick run drops the warm-up and the LR steps, so they do not contradict it.
+    quick = _parse(run_config.RunConfig, ["--flagfile=configs/cifar100_ir100.flags", "--epochs=2", "--quick"])
+    trained = run_config.quick_config(quick)
+    assert (trained.epochs, trained.warmup_epochs, trained.milestones, trained.compare) == (2, 0, [], [])
+    assert run_config.quick_config(trained) == trained
+    full = _parse(run_config.RunConfig, ["--flagfile=configs/imagenet_lt.flags"])
+    assert run_config.quick_config(full) is full
 
 
 def test_library_users_get_the_same_checks():

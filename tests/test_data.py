@@ -111,6 +111,14 @@ def test_npz_source(tmp_path):
         lt_data.load_npz(str(tmp_path / "missing.npz"))
 
 
+def test_npz_arrays_of_different_lengths_are_named(tmp_path):
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=np.zeros((150, 4, 4), np.uint8), y_train=np.zeros(143, np.int64),
+             x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.zeros(2, np.int64))
+    with pytest.raises(lt_data.DataError, match="mine.npz: x_train holds 150 images but y_train 143 labels"):
+        lt_data.load_npz(str(path))
+
+
 def test_npz_that_is_not_an_archive_is_named(tmp_path):
     text = tmp_path / "notes.npz"
     text.write_text("x_train,y_train\n")
@@ -289,15 +297,12 @@ def _list_with_a_bad_file(tmp_path):
                                    image_size=16)
 
 
-def test_bad_image_fails_with_its_path_or_is_skipped(tmp_path, capfd):
-    data = _list_with_a_bad_file(tmp_path)
+def test_an_unchecked_file_that_is_not_an_image_fails_with_its_path(tmp_path):
+    data = _list_with_a_bad_file(tmp_path)  # not checked (data.check_image_files): the pipeline names it
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG/PNG/GIF/BMP image.*broken.jpg"):
         list(lt_data.test_pipeline(data, 4))
-    batches = list(lt_data.test_pipeline(data, 4, bad_images="skip"))
-    assert sum(len(b[1]) for b in batches) == 3
-    assert "broken.jpg" in capfd.readouterr().err
-    with pytest.raises(lt_data.DataError, match="--bad_images must be 'fail' or 'skip'"):
-        lt_data.test_pipeline(data, 4, bad_images="ignore")
+    checked = lt_data.check_image_files(data, "skip")
+    assert sum(len(b[1]) for b in lt_data.test_pipeline(checked, 4)) == 3
 
 
 def test_jpeg_decoded_as_pillow_decodes_it():

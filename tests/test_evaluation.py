@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from balpoe_tf import data as lt_data
 from balpoe_tf import evaluation, experiment, label_shift, run_config
@@ -170,6 +171,37 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
         evaluation.EvalConfig(run_dir=str(run), distributions="forward50,up")
     with pytest.raises(ConfigError, match="--priors=none,oracle: must be a comma-separated list of one of"):
         evaluation.EvalConfig(run_dir=str(run), priors="none,oracle")
+
+
+def _image_folder(root, seed=0):
+    rng = np.random.RandomState(seed)
+    for split, per_class in (("train", (12, 4)), ("test", (3, 3))):
+        for c, n in enumerate(per_class):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                (root / split / f"c{c}" / f"{i}.png").write_bytes(
+                    tf.io.encode_png(rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)).numpy())
+
+
+@pytest.mark.slow
+def test_evaluation_refuses_other_test_images_and_an_unwritable_output(tmp_path):
+    _image_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    config = run_config.RunConfig(output_dir=str(run), dataset="folder", data_path=str(tmp_path / "images"),
+                                  image_size=8, imbalance_ratio=0, augment="none", backbone="resnet8", epochs=1,
+                                  batch_size=8, warmup_epochs=0, milestones=[], export=False)
+    experiment.train(config, log=lambda line: None)
+    settings = dict(run_dir=str(run), distributions="uniform", priors="none")
+    evaluation.evaluate_runs(evaluation.EvalConfig(**settings), log=lambda line: None)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunError, match=f"--output_dir={tmp_path / 'file'}: is a file, not a folder"):
+        evaluation.evaluate_runs(evaluation.EvalConfig(**settings, output_dir=str(tmp_path / "file")))
+    # Another image of the same class: same class counts, other data.
+    replaced = tmp_path / "images" / "test" / "c1" / "0.png"
+    replaced.write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
+    with pytest.raises(lt_data.DataError, match="the test data loaded now .* is not the test data .*: fingerprint "
+                                                "[0-9a-f]{16} now, [0-9a-f]{16} in its config.json"):
+        evaluation.evaluate_runs(evaluation.EvalConfig(**settings), log=lambda line: None)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from balpoe_tf import callbacks, experiment, precision, reporting, run_config, r
 from balpoe_tf.config import RunError
 from balpoe_tf import data as lt_data
 from conftest import mock_imagenet_lt_records, parse_config
+from image_corpus import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.flags")))
@@ -25,10 +26,11 @@ TINY = ["--flagfile=configs/demo.flags", "--compare=", "--epochs=3", "--warmup_e
         "--eval_every=1", "--checkpoint_every=1", "--deterministic"]
 
 
-def run_cli(*args, timeout=900):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "tools/train.py", *args], cwd=REPO, capture_output=True,
-                          text=True, env=env, timeout=timeout)
+def run_cli(*args, timeout=900, tool="tools/train.py"):
+    """A tool run as a user runs it: TensorFlow's log level left to the tool."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, tool, *args], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=timeout)
 
 
 def parse(*args) -> run_config.RunConfig:
@@ -186,7 +188,8 @@ def test_auto_precision_is_measured_chosen_recorded_and_shared_with_the_baseline
     assert record["precision_choice"]["speedups"] == {"mixed_bfloat16": 1.5}
     assert json.loads((tmp_path / "baseline_ce" / "config.json").read_text())["config"]["precision"] == \
         "mixed_bfloat16"
-    # Run again, the finished run resumes in its precision and keeps the measurement it came from.
+    # Resumed, the run keeps its precision and the measurement it came from.
+    os.remove(tmp_path / "results.json")
     logs.clear()
     experiment.train(config, log=logs.append)
     assert "precision mixed_bfloat16 (--precision=auto: the precision this run started with)" in logs
@@ -388,6 +391,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     for x, y in zip(uninterrupted, resumed):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
+    os.remove(tmp_path / "run" / "model.keras")
     for path in (tmp_path / "run" / "checkpoints").glob("epoch_*.keras"):
         path.write_bytes(b"PK\x03\x04 damaged")
     with pytest.raises(RunError, match="no checkpoint in .* can be read"):
@@ -435,6 +439,81 @@ def test_clear_errors(tmp_path):
     result = run_cli("--flagfile=configs/demo.flags", "--lambdas=1,0", "--dry_run")
     assert result.returncode == 2 and "--lambdas=1,0: must be one value per expert: 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _corpus_folder(root):
+    """An image folder of two classes: class a holds the whole image corpus, good and bad."""
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+    kinds = write_corpus(root / "train" / "a")
+    for folder in (root / "train" / "b", root / "test" / "a", root / "test" / "b"):
+        write_corpus(folder, ["rgb.png", "gray.jpg"])
+    return kinds
+
+
+@pytest.mark.slow
+def test_bad_image_files_are_refused_before_any_work_or_left_out(tmp_path):
+    kinds = _corpus_folder(tmp_path / "images")
+    bad = sorted(name for name, kind in kinds.items() if kind.pixels is None)
+    out = tmp_path / "run"
+    args = ["--dataset=folder", f"--data_path={tmp_path / 'images'}", "--image_size=16", "--imbalance_ratio=0",
+            "--augment=none", "--backbone=resnet8", "--epochs=1", "--batch_size=8", "--warmup_epochs=0",
+            "--milestones=", "--noexport", "--precision=float32", f"--output_dir={out}"]
+    refused = run_cli(*args)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert refused.stderr.startswith(f"error: {len(bad)} image file(s) cannot be used:\n"), refused.stderr[-3000:]
+    for name in bad:
+        assert str(tmp_path / "images" / "train" / "a" / name) in refused.stderr
+    assert "--bad_images=skip" in refused.stderr and not out.exists()  # nothing was written
+
+    skipped = run_cli(*args, "--bad_images=skip")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert f"left out {len(bad)} image file(s) that cannot be used" in skipped.stdout
+    record = json.loads((out / "config.json").read_text())
+    assert sorted(os.path.basename(e["path"]) for e in record["data"]["left_out"]) == bad
+    assert record["data"]["train_counts"] == [len(kinds) - len(bad), 2]  # the prior is that of the images used
+    assert record["data"]["train_fingerprint"] and record["data"]["test_fingerprint"]
+
+
+@pytest.mark.slow
+def test_a_start_without_noise_a_finished_run_left_alone_and_unwritable_folders_named(tmp_path):
+    out = tmp_path / "run"
+    first = run_cli(*TINY, "--epochs=1", "--warmup_epochs=0", f"--output_dir={out}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # TensorFlow's C++ start-up lines (the CUDA probe among them) are not shown.
+    assert first.stderr == "", first.stderr[-3000:]
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    again = run_cli(*TINY, "--epochs=1", "--warmup_epochs=0", f"--output_dir={out}")
+    assert again.returncode == 0 and f"{out} has finished all 1 epochs" in again.stdout, again.stderr[-3000:]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == files  # no new export version
+    assert again.stdout.startswith(f"{out} has finished") and "epoch 1/1" not in again.stdout  # nothing trained
+
+    (tmp_path / "file").write_text("")
+    for bad, problem in ((tmp_path / "file", "is a file, not a folder"),
+                         (tmp_path / "file" / "run", f"cannot be made, {tmp_path / 'file'} is a file"),
+                         ("/sys/balpoe_run", "cannot write there (in /sys, where it would be made)")):
+        result = run_cli(*TINY, f"--output_dir={bad}")
+        assert result.returncode == 2 and result.stderr.startswith(f"error: --output_dir={bad}: {problem}"), \
+            result.stderr[-3000:]
+    result = run_cli(f"--run_dir={out}", f"--export_dir={tmp_path / 'file'}", tool="tools/export.py")
+    assert result.returncode == 2 and result.stderr == (f"error: --export_dir={tmp_path / 'file'}: is a file, not a "
+                                                        "folder: give a folder (new or existing)\n")
+
+
+@pytest.mark.slow
+def test_help_lists_the_tools_own_flags_in_groups_and_a_quick_run_checks_a_flag_file(tmp_path):
+    result = run_cli("--help")
+    assert result.returncode == 0 and result.stderr == ""
+    for line in ("Data:", "Model:", "Optimisation:", "Run control:", "  --dataset=digits", "  --precision=auto",
+                 "  --quick=false"):
+        assert line in result.stdout.splitlines(), line
+    quick = run_cli("--flagfile=configs/demo.flags", "--quick", f"--output_dir={tmp_path}")
+    assert quick.returncode == 0, quick.stderr[-3000:]
+    record = json.loads((tmp_path / "quick" / "config.json").read_text())
+    assert (record["config"]["epochs"], record["config"]["milestones"], record["config"]["compare"]) == (2, [], [])
+    assert record["data"]["train_size"] <= 5 * 64 and "epoch 2/2" in quick.stdout
+    assert not (tmp_path / "baseline_ce").exists() and (tmp_path / "quick" / "export").is_dir()
 
 
 @pytest.mark.slow

@@ -89,7 +89,8 @@ def test_safeguard_keeps_the_model_prior_without_evidence():
     probs = np.array([[0.6, 0.4], [0.4, 0.6]])  # two inputs: no evidence either way
     shifted = label_shift.estimate_prior("em", np.log(probs) + [0.0, 0.2], [0.5, 0.5], safeguard_level=0.01)
     np.testing.assert_allclose(shifted, [0.5, 0.5])
-    unguarded = label_shift.estimate_prior("em", np.log(probs) + [0.0, 0.2], [0.5, 0.5], safeguard_level=0)
+    with pytest.warns(UserWarning, match="floored at 1/\\(2N\\) = 0.25"):  # EM takes class 0 to 4e-8
+        unguarded = label_shift.estimate_prior("em", np.log(probs) + [0.0, 0.2], [0.5, 0.5], safeguard_level=0)
     assert unguarded[1] > 0.5
 
 
@@ -148,3 +149,26 @@ def test_adapt_by_hand():
     np.testing.assert_allclose(label_shift.adapt([[2.0, 0.0]], [0.0, 1.0]), [[2.0 + math.log(1e-8), 0.0]])
     assert label_shift.estimator_calibration("em", calibration=calibration) is None
     assert label_shift.estimator_calibration("bcts_em", calibration=calibration) is calibration
+
+
+def test_an_estimate_is_floored_at_half_an_inputs_share_by_hand():
+    prior, low = label_shift.floor_estimate([0.6, 0.4 - 1e-30, 1e-30], num_inputs=10)
+    # Half of one of 10 inputs is 0.05; the rest keep their proportions after renormalising.
+    np.testing.assert_allclose(prior, np.array([0.6, 0.4, 0.05]) / 1.05)
+    assert low.tolist() == [2]
+    same, none = label_shift.floor_estimate([0.5, 0.3, 0.2], num_inputs=10)
+    np.testing.assert_allclose(same, [0.5, 0.3, 0.2]) and not len(none)
+
+
+def test_plain_em_that_switches_a_class_off_is_floored_with_a_warning():
+    # An overconfident model on 20 inputs, none of class 2: plain EM drives class 2 towards 0.
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, 2, 20)
+    logits = np.full((20, 3), -8.0)
+    logits[np.arange(20), labels] = 8.0
+    with pytest.warns(UserWarning, match=r"the em estimate of the label prior of the backward50 test set gave 1 "
+                                         r"class\(es\) less than half an input's share of the 20 \(class 2: down to "
+                                         r".*floored at 1/\(2N\) = 0.025"):
+        prior = label_shift.estimate_prior("em", logits, np.full(3, 1 / 3), safeguard_level=0,
+                                           what="the backward50 test set")
+    assert prior[2] == pytest.approx(0.025 / (1 + 0.025)) and prior.sum() == pytest.approx(1.0)

@@ -1,6 +1,6 @@
 """Where the training step of the 3-expert ResNet-32 spends its time on this CPU.
 
-    python tools/benchmark_kernels.py [--batch=128] [--reps=20] [--train_steps=4] \
+    python tools/benchmark_kernels.py [--batch=128] [--reps=20] [--train_steps=4] \\
         [--json=benchmarks/kernels.json]
 
 Writes JSON and a Markdown table beside it. Three parts:

@@ -18,7 +18,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
+
+balpoe_tf.import_tensorflow_quietly()
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -1,6 +1,6 @@
 """What `--precision=auto` decides on this machine, and what deciding costs.
 
-    python tools/benchmark_precision.py [--flagfiles=configs/demo.flags,configs/cifar100_ir100.flags] \
+    python tools/benchmark_precision.py [--flagfiles=configs/demo.flags,configs/cifar100_ir100.flags] \\
         [--json=benchmarks/precision_auto.json]
 
 For each flag file: its run's data (CIFAR, which tests and this tool do not download, is
@@ -19,7 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
+
+balpoe_tf.import_tensorflow_quietly()
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402

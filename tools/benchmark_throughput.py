@@ -1,9 +1,9 @@
 """Training and inference throughput on this machine's CPU: for each setting of oneDNN,
 XLA, precision and oneDNN instruction set, or paired with the official PyTorch code.
 
-    python tools/benchmark_throughput.py [--models=resnet32x3,resnet32x1,resnet50x3] [--runs=5] \
+    python tools/benchmark_throughput.py [--models=resnet32x3,resnet32x1,resnet50x3] [--runs=5] \\
         [--precision=float32,mixed_bfloat16] [--cpu_isa=,AVX512_CORE]
-    python tools/benchmark_throughput.py --reference=CHECKOUT --reference_python=TORCH_PYTHON \
+    python tools/benchmark_throughput.py --reference=CHECKOUT --reference_python=TORCH_PYTHON \\
         [--models=resnet32x3,resnet32x1] [--pairs=5] [--steps=5]
 
 Each (model, oneDNN, XLA, precision, instruction set) setting runs in its own process

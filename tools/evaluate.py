@@ -11,7 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
+
+balpoe_tf.import_tensorflow_quietly()
 
 from balpoe_tf import cli, evaluation  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Reproduce the paper's comparison: BalPoE and its baselines trained alike, per seed, and
 a report of everything measured so far.
 
-    python tools/reproduce.py --flagfile=configs/cifar10_ir100.flags --dataset=folder \
+    python tools/reproduce.py --flagfile=configs/cifar10_ir100.flags --dataset=folder \\
         --data_path=DIR --run_root=$HOME/repro/cifar10_ir100 [--methods=balpoe,bs,...] [--seeds=1,2,3]
 
 The flags describe the BalPoE run (every flag of tools/train.py); BS, BalPoE without mixup,
@@ -19,7 +19,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
+
+balpoe_tf.import_tensorflow_quietly()
 
 from balpoe_tf import cli, reproduction, run_config  # noqa: E402
 

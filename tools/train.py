@@ -2,7 +2,7 @@
 
     python tools/train.py --flagfile=configs/cifar100_ir100.flags [--any_flag=value ...]
 
-Every field of `balpoe_tf.experiment.RunConfig` is a flag; `--helpfull` lists them.
+Every field of `balpoe_tf.run_config.RunConfig` is a flag; `--help` lists them, grouped.
 A run folder that holds a checkpoint of the same run is resumed from it.
 """
 
@@ -11,7 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults before TF loads)
+import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
+
+balpoe_tf.import_tensorflow_quietly()
 
 from balpoe_tf import cli, experiment, run_config  # noqa: E402
 

@@ -7,18 +7,21 @@ to all of them alike. Modules, each importing only those above it:
 
 - `dataset`: `LabeledData`, `Split`, `DataError`, `class_counts`;
 - `longtail`: long-tailed profiles and sampling, class priors, shot groups, the held-out split;
-- `images`: image-file checks, decoding and the test transform;
+- `images`: image headers, decoding and the test transform;
+- `image_check`: every image file checked before training (kept, converted or named);
 - `autoaugment`, `augment`: training augmentation;
 - `sources`: every source and `load_dataset`;
 - `pipelines`: the tf.data training and test pipelines.
 """
 
-from balpoe_tf.data.dataset import class_counts, DataError, LabeledData, Split, STREAM_SHUFFLE_BUFFER, TfdsStream
+from balpoe_tf.data.dataset import (class_counts, DataError, fingerprint, LabeledData, Split, STREAM_SHUFFLE_BUFFER,
+                                    TfdsStream)
 from balpoe_tf.data.longtail import (class_groups, class_prior, FEW_SHOT_MAX, hold_out, HOLDOUT_SEED,
                                      long_tailed_counts, long_tailed_indices, make_long_tailed, MANY_SHOT_MIN,
-                                     PRIOR_FLOOR, SAMPLING_SEED)
-from balpoe_tf.data.images import (decode_image, decode_pixels, IMAGE_EXTENSIONS, image_file_ok, image_pixels,
-                                   resize_center_crop, test_transform)
+                                     PRIOR_FLOOR, SAMPLING_SEED, subsample)
+from balpoe_tf.data.images import (decode_image, decode_pixels, decodes_as_pillow, IMAGE_EXTENSIONS, image_complete,
+                                   image_file_ok, image_pixels, resize_center_crop, test_transform)
+from balpoe_tf.data.image_check import check_image_files, inspect_bytes, MAX_IMAGE_PIXELS
 from balpoe_tf.data.augment import (AUGMENTATIONS, cifar_augment, color_jitter, crop_flip_rotate, IMAGE_AUGMENTATIONS,
                                     random_resized_crop)
 from balpoe_tf.data.sources import (CIFAR_MEAN, CIFAR_STD, DATASETS, extract_from_tfds, from_arrays, IDX_FILES,
@@ -27,13 +30,15 @@ from balpoe_tf.data.sources import (CIFAR_MEAN, CIFAR_STD, DATASETS, extract_fro
                                     read_image_list, TFDS_OPTIONS, TFDS_PREFIX)
 from balpoe_tf.data.pipelines import normalizer, steps_per_epoch, test_pipeline, train_pipeline
 
-__all__ = ["class_counts", "DataError", "LabeledData", "Split", "STREAM_SHUFFLE_BUFFER", "TfdsStream", "class_groups",
-           "class_prior", "FEW_SHOT_MAX", "hold_out", "HOLDOUT_SEED", "long_tailed_counts", "long_tailed_indices",
-           "make_long_tailed", "MANY_SHOT_MIN", "PRIOR_FLOOR", "SAMPLING_SEED", "decode_image", "decode_pixels",
-           "IMAGE_EXTENSIONS", "image_file_ok", "image_pixels", "resize_center_crop", "test_transform", "AUGMENTATIONS",
-           "cifar_augment", "crop_flip_rotate",
-           "color_jitter", "IMAGE_AUGMENTATIONS", "random_resized_crop", "CIFAR_MEAN", "CIFAR_STD", "DATASETS",
-           "extract_from_tfds", "from_arrays", "IDX_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "load_dataset",
-           "load_digits", "load_idx", "load_image_folder", "load_image_list", "load_npz", "load_tfds", "NPZ_KEYS",
-           "read_idx", "read_image_list", "TFDS_OPTIONS", "TFDS_PREFIX", "normalizer", "steps_per_epoch",
-           "test_pipeline", "train_pipeline"]
+__all__ = ["class_counts", "DataError", "fingerprint", "check_image_files", "inspect_bytes",
+           "MAX_IMAGE_PIXELS", "LabeledData", "Split", "STREAM_SHUFFLE_BUFFER", "TfdsStream", "class_groups",
+           "class_prior", "FEW_SHOT_MAX", "hold_out", "HOLDOUT_SEED", "long_tailed_counts",
+           "long_tailed_indices", "make_long_tailed", "MANY_SHOT_MIN", "PRIOR_FLOOR", "SAMPLING_SEED",
+           "subsample", "decode_image", "decode_pixels", "decodes_as_pillow", "image_complete",
+           "IMAGE_EXTENSIONS", "image_file_ok", "image_pixels", "resize_center_crop", "test_transform",
+           "AUGMENTATIONS", "cifar_augment", "crop_flip_rotate", "color_jitter", "IMAGE_AUGMENTATIONS",
+           "random_resized_crop", "CIFAR_MEAN", "CIFAR_STD", "DATASETS", "extract_from_tfds", "from_arrays",
+           "IDX_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "load_dataset", "load_digits", "load_idx",
+           "load_image_folder", "load_image_list", "load_npz", "load_tfds", "NPZ_KEYS", "read_idx",
+           "read_image_list", "TFDS_OPTIONS", "TFDS_PREFIX", "normalizer", "steps_per_epoch", "test_pipeline",
+           "train_pipeline"]

@@ -1,6 +1,7 @@
 """The dataset types every source loads into (`LabeledData`, `Split`) and `DataError`."""
 
 import dataclasses
+import hashlib
 from typing import Optional
 
 import numpy as np
@@ -21,11 +22,14 @@ class Split:
             the `(N,)` positions of the split's records in the stream.
         labels: `(N,)` integer class ids.
         stream: the TFDS records the images are read from, when they are not in memory.
+        digests: for image files, a fingerprint of each file's bytes (`image_check`), from
+            which `fingerprint` tells the split apart from other files; None before the check.
     """
 
     images: np.ndarray
     labels: np.ndarray
     stream: Optional["TfdsStream"] = None
+    digests: Optional[np.ndarray] = None
 
     def __post_init__(self):
         if len(self.images) != len(self.labels):
@@ -42,7 +46,8 @@ class Split:
         return len(self.labels)
 
     def take(self, indices: np.ndarray) -> "Split":
-        return Split(self.images[indices], self.labels[indices], self.stream)
+        return Split(self.images[indices], self.labels[indices], self.stream,
+                     None if self.digests is None else self.digests[indices])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,8 @@ class LabeledData:
             224); 0 resizes the whole image to `size`.
         holdout: training-distribution images set aside by `hold_out` (never trained
             on), for calibration; None when there is none.
+        left_out: `(path, reason)` of the image files left out because they cannot be used
+            (`image_check.check_image_files` with bad_images="skip").
     """
 
     name: str
@@ -73,6 +80,7 @@ class LabeledData:
     std: tuple
     test_crop: float = 0.0
     holdout: Optional[Split] = None
+    left_out: tuple = ()
 
     @property
     def num_classes(self) -> int:
@@ -80,6 +88,23 @@ class LabeledData:
 
     def train_counts(self) -> np.ndarray:
         return class_counts(self.train.labels, self.num_classes)
+
+
+def fingerprint(split: Split) -> Optional[str]:
+    """A short hash of a split's labels and images (pixels of arrays, bytes of checked files,
+    positions of TFDS records), which tells a run's data apart from other data with the same
+    class counts; None for image files not yet checked."""
+    h = hashlib.sha256(np.asarray(split.labels, np.int64).tobytes())
+    if split.stream is not None:
+        h.update(f"{split.stream.name}/{split.stream.split}/{split.stream.num_records}".encode())
+        h.update(np.asarray(split.images, np.int64).tobytes())
+    elif split.is_files:
+        if split.digests is None:
+            return None
+        h.update(np.asarray(split.digests, np.int64).tobytes())
+    else:
+        h.update(np.ascontiguousarray(split.images).tobytes())
+    return h.hexdigest()[:16]
 
 
 def class_counts(labels: np.ndarray, num_classes: int, what: str = "label") -> np.ndarray:

@@ -170,3 +170,21 @@ def hold_out(data: LabeledData, fraction: float, seed: int = HOLDOUT_SEED) -> La
     held = long_tailed_indices(data.train.labels, taken, seed)
     rest = np.setdiff1d(np.arange(len(data.train)), held)
     return dataclasses.replace(data, train=data.train.take(rest), holdout=data.train.take(np.sort(held)))
+
+
+def subsample(data: LabeledData, train_size: int, test_size: int, seed: int = SAMPLING_SEED) -> LabeledData:
+    """At most `train_size` training (and held-out) and `test_size` test images, in their order,
+    picked by a fixed seed: the small data of a quick check (some classes may lose every image).
+
+    Args:
+        data: the dataset.
+        train_size, test_size: the most images a split keeps.
+        seed: seed of the pick.
+    """
+    def pick(split, size):
+        if split is None or len(split) <= size:
+            return split
+        return split.take(np.sort(np.random.RandomState(seed).permutation(len(split))[:size]))
+
+    return dataclasses.replace(data, train=pick(data.train, train_size), test=pick(data.test, test_size),
+                               holdout=pick(data.holdout, train_size))

@@ -1,6 +1,5 @@
 """tf.data pipelines: seeded, resumable training batches and in-order test batches."""
 
-import sys
 from typing import Optional
 
 import numpy as np
@@ -34,10 +33,10 @@ def _file_image(contents, data: LabeledData, augment: Optional[str], seed, rand_
 
 
 def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int, augment=None,
-             seed=None, bad_images: str = "fail", rand_augment=None) -> tf.data.Dataset:
-    """`(images, labels)` batches of `split` in the given order. Image files are read,
-    checked (a file that is not an image fails with its path, or with
-    `bad_images="skip"` is reported and left out) and transformed one by one."""
+             seed=None, rand_augment=None) -> tf.data.Dataset:
+    """`(images, labels)` batches of `split` in the given order. Image files are read and
+    transformed one by one; `image_check.check_image_files` has checked them, and a file that
+    does not start like an image fails with its path."""
     if split.stream is not None:
         return _stream_batches(data, split, batch_size, augment, seed, rand_augment)
     labels = tf.constant(split.labels, tf.int32)
@@ -45,34 +44,17 @@ def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int,
     if not split.is_files:
         images = tf.constant(split.images)
         return indices.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
-    if bad_images not in ("fail", "skip"):
-        raise DataError(f"--bad_images must be 'fail' or 'skip', got {bad_images!r}")
     paths = tf.constant(split.images)
 
-    def read(i):
+    def load(i):
         contents = tf.io.read_file(paths[i])
-        ok = image_file_ok(contents)
-        if bad_images == "fail":
-            check = tf.debugging.Assert(ok, ["not a JPEG/PNG/GIF/BMP image (use --bad_images=skip to leave "
-                                             "such files out):", paths[i]])
-            with tf.control_dependencies([check]):
-                contents = tf.identity(contents)
-        return i, contents, ok
-
-    def report(i, contents, ok):
-        if not ok:
-            tf.print("skipping a file that is not an image:", paths[i], output_stream=sys.stderr)
-        return ok
-
-    ds = indices.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if bad_images == "skip":
-        ds = ds.filter(report)
-
-    def load(i, contents, ok):
+        check = tf.debugging.Assert(image_file_ok(contents), ["not a JPEG/PNG/GIF/BMP image:", paths[i]])
+        with tf.control_dependencies([check]):
+            contents = tf.identity(contents)
         example_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, i)
         return _file_image(contents, data, augment, example_seed, rand_augment), labels[i]
 
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
+    return indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
 
 
 def _stream_batches(data: LabeledData, split: Split, batch_size: int, augment=None, seed=None,
@@ -102,7 +84,7 @@ def normalizer(mean, std):
 
 
 def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 0,
-                   augment: str = "cifar", start_epoch: int = 0, bad_images: str = "fail") -> tf.data.Dataset:
+                   augment: str = "cifar", start_epoch: int = 0) -> tf.data.Dataset:
     """Shuffled, augmented, normalised training batches for epochs [start_epoch, epochs).
 
     Each epoch's order and augmentation come from stateless seeds derived from
@@ -116,8 +98,6 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
         seed: run seed.
         augment: one of `AUGMENTATIONS`.
         start_epoch: first epoch.
-        bad_images: for image files, "fail" on a file that is not an image (naming it)
-            or "skip" it with a message (the epoch then has fewer images).
 
     Returns:
         A dataset of `(images float32 (B, H, W, C), labels int32 (B,))`,
@@ -136,8 +116,7 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
-        batches = _batches(data, split, order, batch_size, augment, epoch_seed, bad_images,
-                           rand_augment).enumerate()
+        batches = _batches(data, split, order, batch_size, augment, epoch_seed, rand_augment).enumerate()
 
         def prepare(step, batch):
             images, labels = batch
@@ -150,13 +129,12 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def test_pipeline(data: LabeledData, batch_size: int, split: Optional[Split] = None,
-                  bad_images: str = "fail") -> tf.data.Dataset:
+def test_pipeline(data: LabeledData, batch_size: int, split: Optional[Split] = None) -> tf.data.Dataset:
     """Normalised batches of the test split (or of `split`), in order, with the test
     transform (for image files: resize, or resize and centre crop with `test_crop`)."""
     split = data.test if split is None else split
     normalize = normalizer(data.mean, data.std)
     order = tf.range(len(split), dtype=tf.int64)
-    ds = _batches(data, split, order, batch_size, bad_images=bad_images)
+    ds = _batches(data, split, order, batch_size)
     ds = ds.map(lambda x, y: (normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -81,8 +81,12 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test,
     if arrays[0].shape[1:] != arrays[1].shape[1:]:
         raise DataError(f"{name}: train images are {arrays[0].shape[1:]} but test images are "
                         f"{arrays[1].shape[1:]}; both splits need one image shape")
-    train = Split(arrays[0], _class_ids(f"{name} y_train", y_train))
-    test = Split(arrays[1], _class_ids(f"{name} y_test", y_test))
+    labels = [_class_ids(f"{name} y_{split}", y) for split, y in (("train", y_train), ("test", y_test))]
+    for split, x, y in zip(("train", "test"), arrays, labels):
+        if len(x) != len(y):
+            raise DataError(f"{name}: x_{split} holds {len(x)} images but y_{split} {len(y)} labels: every image "
+                            "needs exactly one label")
+    train, test = Split(arrays[0], labels[0]), Split(arrays[1], labels[1])
     if class_names is None:
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
         class_names = [str(c) for c in range(num_classes)]
