@@ -17,24 +17,90 @@ from balpoe_tf import training
 from balpoe_tf.progress import Progress, hms
 from balpoe_tf.reporting import reliability_diagram_png, RESULT_COLUMNS
 from balpoe_tf.run_config import RUN_CONTROL, RunConfig
-from balpoe_tf.run_folder import CHECKPOINT_PATTERN, latest_checkpoint, save_atomic
+from balpoe_tf.preemption import Interrupted, signal_name
+from balpoe_tf.run_folder import checkpoint_path, latest_checkpoint, prune_checkpoints, save_atomic
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves `checkpoints/epoch_NNNN.keras` (model, optimizer state, schedule position)
-    every `every` epochs and at the last one, keeping the newest `keep`."""
+class Checkpoints(keras.callbacks.Callback):
+    """Checkpoints of a run (model, optimizer state, schedule position; the data position is in
+    the name, `run_folder.checkpoint_path`), keeping the newest `keep`:
 
-    def __init__(self, output_dir, every, epochs, keep=2):
+    - at the end of every `every` epochs and of the last;
+    - inside an epoch, every `minutes` of training (0: never);
+    - when a stop is requested (`preemption.StopRequest`, on any worker of a multi-worker run):
+      at the end of the current step, after which `preemption.Interrupted` ends the run.
+
+    Args:
+        output_dir: the run folder.
+        every: epochs between epoch-end checkpoints.
+        epochs: the run's epochs.
+        steps: training steps per epoch.
+        keep: how many checkpoints stay (the newest always does).
+        minutes: minutes of training between checkpoints inside an epoch.
+        request: the run's `StopRequest` (None: signals are not watched).
+        first: `(epoch, step)` where training begins: a run resumed inside an epoch trains the
+            rest of it first, so that its steps are counted from `step`.
+        agree: for a multi-worker run, `signum -> signum` that every worker calls at every step
+            and that returns a signal any worker received (so that all stop at the same step).
+        clock: seconds, for `minutes`.
+    """
+
+    def __init__(self, output_dir, every, epochs, steps, keep=2, minutes=0.0, request=None, first=(0, 0),
+                 agree=None, clock=time.monotonic):
         super().__init__()
-        self.output_dir, self.every, self.epochs, self.keep = output_dir, every, epochs, keep
+        self.output_dir, self.every, self.epochs, self.steps, self.keep = output_dir, every, epochs, steps, keep
+        self.minutes, self.request, self.first, self.agree, self.clock = minutes, request, first, agree, clock
+
+    def on_train_begin(self, logs=None):
+        self.last_save = self.clock()
+        if self.request is not None:
+            self.request.training = True
+
+    def on_train_end(self, logs=None):
+        if self.request is not None:
+            self.request.training = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.offset = self.first[1] if epoch == self.first[0] else 0
+
+    def _save(self, epoch, step) -> str:
+        path = checkpoint_path(self.output_dir, epoch, step)
+        save_atomic(self.model, path)
+        prune_checkpoints(self.output_dir, self.keep)
+        self.last_save = self.clock()
+        return path
+
+    def _stop(self, signum, position):
+        path = self._save(*position)
+        if self.request is not None:
+            self.request.training = False  # a further signal now stops at once
+        epoch, step = position
+        where = (f"step {step}/{self.steps} of epoch {epoch + 1}/{self.epochs}" if step
+                 else f"the end of epoch {epoch}/{self.epochs}")
+        raise Interrupted(signum, f"stopped by {signal_name(signum)} at {where}: saved {path}, nothing is lost")
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.offset + batch + 1
+        signum = self.request.signum if self.request is not None else 0
+        if self.agree is not None:
+            signum = self.agree(signum)
+        # The last step of an epoch ends it: its position is the epoch's end.
+        position = (self.epoch + 1, 0) if step >= self.steps else (self.epoch, step)
+        if signum:
+            self._stop(signum, position)
+        if self.minutes and self.clock() - self.last_save >= 60 * self.minutes and step < self.steps:
+            self._save(*position)
+
+    def on_test_batch_end(self, batch, logs=None):
+        # Evaluated at an epoch's end: what is saved is that epoch, whose evaluation is lost.
+        if self.agree is None and self.request is not None and self.request.signum:
+            self._stop(self.request.signum, (self.epoch + 1, 0))
 
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
-        if done % self.every and done != self.epochs:
-            return
-        save_atomic(self.model, os.path.join(self.output_dir, CHECKPOINT_PATTERN.format(done)))
-        for path in sorted(glob.glob(os.path.join(self.output_dir, "checkpoints", "epoch_*.keras")))[:-self.keep]:
-            os.remove(path)
+        if done % self.every == 0 or done == self.epochs:
+            self._save(done, 0)
 
 
 class DivergenceGuard(keras.callbacks.Callback):
@@ -74,17 +140,23 @@ class ProgressLine(keras.callbacks.Callback):
     after each epoch, one summary line: losses, accuracies, LR, throughput and ETA."""
 
     def __init__(self, num_images, epochs, schedule, log: Callable[[str], None] = print,
-                 steps=1, test_images=0, test_steps=1, every=30.0, stream=None):
+                 steps=1, test_images=0, test_steps=1, every=30.0, stream=None, first=(0, 0)):
         super().__init__()
         self.num_images, self.epochs, self.schedule, self.log = num_images, epochs, schedule, log
         self.steps, self.test_images, self.test_steps = steps, test_images, test_steps
-        self.every, self.stream = every, stream
+        self.every, self.stream, self.first = every, stream, first
         self.durations = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
         self.epoch = epoch
-        self.bar = Progress(f"epoch {epoch + 1}/{self.epochs}", self.steps, self.num_images, self.every, self.stream)
+        # A run resumed inside an epoch trains the rest of it.
+        self.offset = self.first[1] if epoch == self.first[0] else 0
+        what = f"epoch {epoch + 1}/{self.epochs}" + (f" from step {self.offset + 1}" if self.offset else "")
+        self.bar = Progress(what, self.steps - self.offset, self._images(), self.every, self.stream)
+
+    def _images(self) -> float:
+        return self.num_images * (self.steps - self.offset) / self.steps
 
     def on_train_batch_end(self, batch, logs=None):
         self.bar.update(batch + 1)
@@ -113,7 +185,7 @@ class ProgressLine(keras.callbacks.Callback):
                       "many/med/few " + "/".join(f"{logs.get(f'val_{g}_accuracy', float('nan')):.3f}"
                                                  for g in ("many", "medium", "few")),
                       f"ECE {logs.get('val_ece', float('nan')):.4f}"]
-        parts += [f"{self.num_images / seconds:.0f} img/s", f"ETA {hms(eta)}"]
+        parts += [f"{self._images() / seconds:.0f} img/s", f"ETA {hms(eta)}"]
         self.log("  ".join(parts))
 
 

@@ -1,6 +1,8 @@
 """absl flags from config dataclasses, and error reporting for the command-line tools."""
 
 import dataclasses
+import shlex
+import signal
 import sys
 import textwrap
 import typing
@@ -11,6 +13,7 @@ from absl import logging as absl_logging
 
 from balpoe_tf.config import ConfigError, flag_value, refuse, RunError
 from balpoe_tf.data import DataError
+from balpoe_tf.preemption import exit_code, EXIT_WORKER_LOST, Interrupted, WorkerLost
 from balpoe_tf.training import TrainingDiverged
 
 FLAGS = flags.FLAGS
@@ -103,14 +106,29 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
+def resume_command() -> str:
+    """The command line this tool was started with, to run again."""
+    return shlex.join(["python", *sys.argv])
+
+
 def _run_reporting_errors(fn) -> int:
     """Run `fn`; report bad input (settings, data, run folder) as one clear line and
-    return exit code 2, a diverged run as one line and exit code 1."""
+    return exit code 2, a diverged run as one line and exit code 1, a run stopped by a signal
+    as one line with the command that resumes it and exit code 128 + the signal's number."""
     try:
         fn()
     except (TrainingDiverged, ConfigError, DataError, RunError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if isinstance(e, TrainingDiverged) else EXIT_BAD_INPUT
+    except Interrupted as e:
+        print(f"{e}. The same command resumes it: {resume_command()}", file=sys.stderr)
+        return exit_code(e.signum)
+    except WorkerLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WORKER_LOST
+    except KeyboardInterrupt:  # a tool that saves nothing as it goes
+        print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        return exit_code(signal.SIGINT)
     return 0
 
 

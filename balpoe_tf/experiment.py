@@ -14,14 +14,15 @@ import tensorflow as tf
 from balpoe_tf import __version__, export, label_shift, losses, models, training
 from balpoe_tf import precision as precision_lib
 from balpoe_tf import data as lt_data
-from balpoe_tf.callbacks import BalPoETensorBoard, DivergenceGuard, EpochCheckpoint, ProgressLine, write_final_metrics
+from balpoe_tf import preemption
+from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard, ProgressLine, write_final_metrics
 from balpoe_tf.config import RunError
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
 from balpoe_tf.run_config import (baseline_config, config_to_flags, load_data, quick_config, RUN_CONTROL, RunConfig,
                                   STRATEGIES, test_batch_size)
-from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, config_path, finished_results,
-                                  IMAGE_RECORD, load_latest_checkpoint, load_model_file, read_run_record,
-                                  resumed_run_settings)
+from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, config_path, describe_position,
+                                  finished_results, IMAGE_RECORD, latest_checkpoint, load_latest_checkpoint,
+                                  load_model_file, read_run_record, resumed_run_settings)
 
 
 def make_schedule(config: RunConfig, steps_per_epoch: int):
@@ -208,9 +209,21 @@ def train(config: RunConfig, log: Callable[[str], None] = print,
 
     Returns:
         Final test metrics (empty for a dry run).
+
+    Raises:
+        preemption.Interrupted: on SIGINT or SIGTERM, once the run has saved where it is.
     """
     strategy = make_strategy(config.strategy)  # first: collectives must precede other TF work
-    config = _worker_config(quick_config(config), strategy)
+    # After the strategy: a multi-worker one sets TensorFlow's own SIGTERM handler, which this replaces.
+    with preemption.watching() as request:
+        return _train(quick_config(config), strategy, log, precision, request)
+
+
+def _train(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[str], None],
+           precision: Optional[precision_lib.PrecisionChoice], request: preemption.StopRequest) -> dict:
+    """`train` with the run's strategy and stop request."""
+    chief_dir = config.output_dir  # every worker resumes from the chief's newest checkpoint
+    config = _worker_config(config, strategy)
     check_writable_folder(config.output_dir, "output_dir")
     if not config.dry_run:
         check_run_folder(config)
@@ -237,29 +250,39 @@ def train(config: RunConfig, log: Callable[[str], None] = print,
     warning = precision_lib.emulated_precision_warning(config.precision, bool(gpus), flags)
     if warning:
         log(warning)
-    with models.precision_policy(config.precision):
-        return _train_in_precision(config, data, choice, strategy, log)
+    try:
+        with models.precision_policy(config.precision):
+            return _train_in_precision(config, data, choice, strategy, request, chief_dir, log)
+    except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+            tf.errors.DeadlineExceededError) as e:
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        position, _ = latest_checkpoint(chief_dir)
+        raise preemption.WorkerLost(
+            f"lost {preemption.lost_worker(e)} of the multi-worker run (TensorFlow: {type(e).__name__}): every "
+            "worker stops. Start all of them again with the same command: they resume from the chief's newest "
+            f"checkpoint ({describe_position(position)})") from None
 
 
 def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: precision_lib.PrecisionChoice,
-                        strategy: tf.distribute.Strategy, log: Callable[[str], None]) -> dict:
+                        strategy: tf.distribute.Strategy, request: preemption.StopRequest, chief_dir: str,
+                        log: Callable[[str], None]) -> dict:
     """`train` once the data is loaded and the run's precision is chosen and in force."""
     keras.utils.set_random_seed(config.seed)  # after the precision measurement, which draws numbers too
     steps = lt_data.steps_per_epoch(len(data.train), config.batch_size)
     with strategy.scope():
-        start_epoch, model = (0, None) if config.dry_run else load_latest_checkpoint(config.output_dir, log)
+        start, model = ((0, 0), None) if config.dry_run else load_latest_checkpoint(
+            chief_dir, log, rename_unreadable=chief_dir == config.output_dir)
         if model is None:
             model = build_model(config, data, steps)
     schedule = lr_schedule(model)
     log(f"model {config.backbone} x {config.num_experts} experts, lambdas {config.lambdas}, "
         f"{models.count_params(model):,} parameters; {steps} steps/epoch")
 
-    train_ds = lt_data.train_pipeline(data, config.batch_size, config.epochs, config.seed,
-                                      config.augment, start_epoch)
     test_batch = test_batch_size(config)
     test_ds = lt_data.test_pipeline(data, test_batch)
     if config.dry_run:
-        images, labels = next(iter(train_ds))
+        images, labels = next(iter(lt_data.train_pipeline(data, config.batch_size, 1, config.seed, config.augment)))
         logs = model.train_on_batch(images, labels, return_dict=True)
         test_logs = model.test_on_batch(*next(iter(test_ds)), return_dict=True)
         log(f"dry run: batch {tuple(images.shape)}, train loss {logs['loss']:.4f}, "
@@ -268,20 +291,22 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
 
     record = write_run_record(config, data, model, steps, choice)
     results = {}
-    if start_epoch < config.epochs:
+    if start < (config.epochs, 0):
         log_dir = os.path.join(config.output_dir, "tensorboard")
         callbacks = [
             keras.callbacks.TensorBoard(log_dir, write_graph=False),
             BalPoETensorBoard(log_dir, schedule, _hparams(config)),
             DivergenceGuard(schedule, config.output_dir),  # before the checkpoint of the epoch
-            EpochCheckpoint(config.output_dir, config.checkpoint_every, config.epochs),
+            Checkpoints(config.output_dir, config.checkpoint_every, config.epochs, steps, config.keep_checkpoints,
+                        config.checkpoint_every_minutes, request, start, _stop_agreement(strategy)),
             ProgressLine(len(data.train), config.epochs, schedule, log, steps, len(data.test),
-                         lt_data.steps_per_epoch(len(data.test), test_batch), config.progress_every),
+                         lt_data.steps_per_epoch(len(data.test), test_batch), config.progress_every, first=start),
         ]
-        history = model.fit(train_ds, epochs=config.epochs, initial_epoch=start_epoch,
-                            steps_per_epoch=steps, validation_data=test_ds,
-                            validation_freq=_eval_epochs(config, start_epoch),
-                            callbacks=callbacks, shuffle=False, verbose=0)
+        for first, last, skip in _fit_ranges(start, config.epochs):
+            train_ds = lt_data.train_pipeline(data, config.batch_size, last, config.seed, config.augment, first, skip)
+            history = model.fit(train_ds, epochs=last, initial_epoch=first, steps_per_epoch=steps - skip,
+                                validation_data=test_ds, validation_freq=_eval_epochs(config, first),
+                                callbacks=callbacks, shuffle=False, verbose=0)
         # The last epoch is always evaluated; its metrics are the final results.
         results = {k[len("val_"):]: v[-1] for k, v in history.history.items() if k.startswith("val_")}
     if not results:
@@ -309,6 +334,36 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
         path = export.export_run(served, record, os.path.join(config.output_dir, "export"), calibration=calibration)
         log(f"SavedModel for TF Serving: {path} (computes in float32)")
     return results
+
+
+def _fit_ranges(start, epochs: int) -> list:
+    """`(first epoch, last epoch, steps to skip)` of each `fit` a run started at `start`
+    needs: Keras counts the same steps in every epoch, so a run resumed inside an epoch
+    trains the rest of it alone first."""
+    epoch, step = start
+    ranges = [(epoch, epoch + 1, step)] if step else []
+    epoch += 1 if step else 0
+    return ranges + ([(epoch, epochs, 0)] if epoch < epochs else [])
+
+
+def _stop_agreement(strategy):
+    """For a multi-worker run, `signum -> signum` that every worker calls at every step: the
+    signal any worker received (0: none), so that all stop and checkpoint at the same step.
+    One small all-reduce per step, traced once."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+
+    @tf.function
+    def received(signum):
+        mark = tf.one_hot(signum, 65)  # a 1 at the signal's number (0: none)
+        marks = strategy.experimental_distribute_values_from_function(lambda _: mark)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, marks, axis=None)
+
+    def agree(signum):
+        marks = received(tf.constant(signum, tf.int32)).numpy()[1:]
+        return int(np.argmax(marks)) + 1 if marks.any() else 0
+
+    return agree
 
 
 def calibrate_on_holdout(model, data: lt_data.LabeledData, config: RunConfig, batch_size: int):

@@ -49,7 +49,7 @@ def method_config(base: run_config.RunConfig, method: str, seed: int, run_root: 
 def run_status(config: run_config.RunConfig) -> dict:
     """`{"finished": bool, "epoch": epochs done}` of a run folder."""
     finished = os.path.isfile(os.path.join(config.output_dir, "results.json"))
-    epoch = config.epochs if finished else run_folder.latest_checkpoint(config.output_dir)[0]
+    epoch = config.epochs if finished else run_folder.latest_checkpoint(config.output_dir)[0][0]
     return {"finished": finished, "epoch": epoch, "epochs": config.epochs}
 
 

@@ -131,6 +131,12 @@ class RunConfig:
     # Run control.
     eval_every: int = config_field(10, "Evaluate on the test set every N epochs (and at the end).", at_least(1))
     checkpoint_every: int = config_field(10, "Save a checkpoint every N epochs (and at the end).", at_least(1))
+    checkpoint_every_minutes: float = config_field(10.0, "Inside an epoch, save a checkpoint (with the step it "
+                                                         "stopped at) every N minutes of training: a crash or kill "
+                                                         "-9 loses at most that (0: only at epoch ends). SIGTERM and "
+                                                         "Ctrl-C always save where the run is.", at_least(0))
+    keep_checkpoints: int = config_field(2, "How many of the newest checkpoints stay (the newest always does).",
+                                         at_least(1))
     compare: List[str] = config_field([], "Baselines to train after this run with the same data and "
                                       "schedule, and to put in the result table.", each(one_of(BASELINES)))
     dry_run: bool = config_field(False, "Build data and model, run one training step and one test batch, exit.")
@@ -165,9 +171,9 @@ class RunConfig:
 
 
 # Settings that do not change what a run computes, so a resumed run may differ in them.
-RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "compare", "dry_run", "export", "progress_every",
-               "data_dir", "tfds_images", "download", "data_path", "train_list", "test_list", "data_root",
-               "jit_compile")
+RUN_CONTROL = ("output_dir", "eval_every", "checkpoint_every", "checkpoint_every_minutes", "keep_checkpoints",
+               "compare", "dry_run", "export", "progress_every", "data_dir", "tfds_images", "download", "data_path",
+               "train_list", "test_list", "data_root", "jit_compile")
 
 
 def baseline_config(config: RunConfig, name: str) -> RunConfig:

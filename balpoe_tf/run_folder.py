@@ -17,7 +17,7 @@ from balpoe_tf.models import precision_policy
 from balpoe_tf.run_config import RUN_CONTROL, RunConfig
 
 
-CHECKPOINT_PATTERN = "checkpoints/epoch_{:04d}.keras"
+CHECKPOINT_FOLDER = "checkpoints"
 
 # The run folder's record of checked image files (`data.check_image_files`).
 IMAGE_RECORD = "image_check"
@@ -69,19 +69,33 @@ def read_run_record(output_dir: str) -> dict:
         return {}
 
 
+def checkpoint_path(output_dir: str, epoch: int, step: int = 0) -> str:
+    """Where the checkpoint of `epoch` finished epochs and `step` steps of the next one goes:
+    `checkpoints/epoch_NNNN.keras` at an epoch's end, `epoch_NNNN_step_SSSSSS.keras` inside one."""
+    name = f"epoch_{epoch:04d}" + (f"_step_{step:06d}" if step else "") + ".keras"
+    return os.path.join(output_dir, CHECKPOINT_FOLDER, name)
+
+
 def checkpoints(output_dir: str) -> list:
-    """(epoch, path) of every checkpoint in a run folder, newest first."""
+    """((epoch, step), path) of every checkpoint in a run folder, newest first: `epoch`
+    finished epochs and `step` steps of the next (0 at an epoch's end)."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoints", "epoch_*.keras")):
-        match = re.search(r"epoch_(\d+)\.keras$", path)
+    for path in glob.glob(os.path.join(output_dir, CHECKPOINT_FOLDER, "epoch_*.keras")):
+        match = re.search(r"epoch_(\d+)(?:_step_(\d+))?\.keras$", path)
         if match:
-            found.append((int(match.group(1)), path))
+            found.append(((int(match.group(1)), int(match.group(2) or 0)), path))
     return sorted(found, reverse=True)
 
 
 def latest_checkpoint(output_dir: str):
-    """(epoch, path) of the newest checkpoint in a run folder, or (0, None)."""
-    return (checkpoints(output_dir) or [(0, None)])[0]
+    """((epoch, step), path) of the newest checkpoint in a run folder, or ((0, 0), None)."""
+    return (checkpoints(output_dir) or [((0, 0), None)])[0]
+
+
+def prune_checkpoints(output_dir: str, keep: int):
+    """Delete all but the newest `keep` checkpoints (the newest is never deleted)."""
+    for _, path in checkpoints(output_dir)[max(keep, 1):]:
+        os.remove(path)
 
 
 UNREADABLE_SUFFIX = ".unreadable"
@@ -104,30 +118,40 @@ def load_model_file(path: str, precision: str = ""):
                            f"{str(e).splitlines()[0] if str(e) else 'no details'})") from e
 
 
-def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print):
-    """(epoch, model) of the newest checkpoint that loads, or (0, None) if there is none.
+def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print, rename_unreadable: bool = True):
+    """((epoch, step), model) of the newest checkpoint that loads, or ((0, 0), None) if there is none.
 
     A newer checkpoint that cannot be read (e.g. truncated when the machine stopped) is
     named in a warning and renamed `*.keras.unreadable` (kept, never tried again) once an
-    older one loads; if none loads, `RunError` lists them and nothing is renamed."""
+    older one loads (unless `rename_unreadable` is False: the other workers of a
+    multi-worker run read the chief's folder, which the chief alone changes); if none loads,
+    `RunError` lists them and nothing is renamed."""
     found, unreadable = checkpoints(output_dir), []
-    for epoch, path in found:
+    for position, path in found:
         try:
             model = load_model_file(path)
         except RunError as e:
             log(f"warning: {e}; trying the previous checkpoint")
             unreadable.append(path)
             continue
-        for bad in unreadable:
+        for bad in unreadable if rename_unreadable else ():
             os.replace(bad, bad + UNREADABLE_SUFFIX)
             log(f"warning: kept the unreadable {bad} as {bad + UNREADABLE_SUFFIX}")
-        log(f"resuming from {path} (epoch {epoch})")
-        return epoch, model
+        log(f"resuming from {path} ({describe_position(position)})")
+        return position, model
     if found:
         raise RunError(f"no checkpoint in {output_dir}/checkpoints can be read ({', '.join(unreadable)}): "
                        "check the Keras version (config.json records the one that wrote them), or start "
                        "the run in a new --output_dir")
-    return 0, None
+    return (0, 0), None
+
+
+def describe_position(position) -> str:
+    """`(epoch, step)` in words: "epoch 3" at an epoch's end, "epoch 4, step 12" inside one."""
+    epoch, step = position
+    if not epoch and not step:
+        return "none yet: from the start"
+    return f"epoch {epoch}" if not step else f"epoch {epoch + 1}, step {step}"
 
 
 def resumed_run_settings(output_dir: str):

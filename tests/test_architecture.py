@@ -12,7 +12,7 @@ PACKAGE = REPO / "balpoe_tf"
 # its own layer only when listed before it).
 LAYERS = [
     ["config", "progress", "precision", "data"],
-    ["reporting", "training", "metrics", "losses", "label_shift", "models", "cli"],
+    ["reporting", "training", "metrics", "losses", "label_shift", "models", "preemption", "cli"],
     ["run_config"],
     ["run_folder"],
     ["export", "callbacks"],

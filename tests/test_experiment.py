@@ -2,6 +2,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -599,6 +600,114 @@ def test_two_workers_on_loopback_agree_on_the_weights(tmp_path):
     for a, b in zip(chief, worker):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 2
+
+
+def _start(args, env=None):
+    env = {k: v for k, v in (env or os.environ).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.Popen([sys.executable, "tools/train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(proc, line, timeout=300):
+    """Read `proc`'s output until `line` appears (the progress line of a step)."""
+    deadline = time.time() + timeout
+    for out in proc.stdout:
+        if out.startswith(line):
+            return
+        assert time.time() < deadline, f"no {line!r} in time"
+    raise AssertionError(f"the run ended before {line!r}: {proc.stderr.read()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_signal_at_a_random_step_saves_where_the_run_is_and_it_resumes_exactly(tmp_path):
+    import random
+
+    args = [*TINY, "--epochs=3", "--precision=float32", "--noexport", "--progress_every=1e-9"]
+    full = run_cli(*args, f"--output_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    step = random.randrange(1, 3 * 8 - 1)  # of 24: the signal lands in one of the steps after it
+    signum = random.choice([signal.SIGINT, signal.SIGTERM])
+    out = tmp_path / "stopped"
+    proc = _start([*args, f"--output_dir={out}"])
+    _wait_for_line(proc, f"epoch {step // 8 + 1}/3  step {step % 8 + 1}/8 ")
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, (step, signum, stderr[-3000:])
+    (line,) = stderr.splitlines()
+    saved = re.search(r"stopped by (SIG\w+) at (?:step (\d+)/8 of epoch (\d)/3|the end of epoch (\d)/3): saved "
+                      r"(\S+), nothing is lost\. The same command resumes it: python tools/train\.py ", line)
+    assert saved and saved.group(1) == signal.Signals(signum).name, line
+    assert os.path.isfile(saved.group(5)) and not (out / "model.keras").exists()
+    stopped_at = (int(saved.group(3)) - 1) * 8 + int(saved.group(2)) if saved.group(2) else int(saved.group(4)) * 8
+    assert step < stopped_at <= step + 3, (step, line)  # the step under way, or one or two after it
+
+    resumed = run_cli(*args, f"--output_dir={out}")
+    assert resumed.returncode == 0 and f"resuming from {saved.group(5)}" in resumed.stdout, resumed.stderr[-3000:]
+    a, wa = _weights(tmp_path / "full" / "model.keras")
+    b, wb = _weights(out / "model.keras")
+    assert int(a.optimizer.iterations) == int(b.optimizer.iterations) == 3 * 8
+    for x, y in zip(wa, wb):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(a.optimizer.variables, b.optimizer.variables):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
+    results = [json.loads((folder / "results.json").read_text())["test"] for folder in (tmp_path / "full", out)]
+    assert results[0]["accuracy"] == pytest.approx(results[1]["accuracy"], abs=1e-6)
+
+
+def _two_workers(args, out, env=None):
+    ports = [_free_port(), _free_port()]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+        procs.append(_start([*args, f"--output_dir={out}"], dict(env or os.environ, TF_CONFIG=json.dumps(tf_config))))
+    return procs
+
+
+MULTI_WORKER = [*TINY, "--epochs=3", "--strategy=multi_worker", "--sync_bn", "--noexport", "--precision=float32",
+                "--progress_every=1e-9"]
+
+
+@pytest.mark.slow
+def test_a_lost_worker_stops_the_other_and_a_signal_stops_both_and_they_resume_exactly(tmp_path):
+    full = _two_workers(MULTI_WORKER, tmp_path / "full")
+    for proc in full:
+        proc.communicate(timeout=600)
+        assert proc.returncode == 0
+    _, uninterrupted = _weights(tmp_path / "full" / "model.keras")
+
+    # A worker killed mid-epoch: the other stops within seconds, naming it.
+    lost = tmp_path / "lost"
+    procs = _two_workers(MULTI_WORKER, lost)
+    _wait_for_line(procs[1], "epoch 2/3  step 3/8 ")
+    procs[1].kill()
+    start = time.time()
+    _, stderr = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 3 and time.time() - start < 60, stderr[-3000:]
+    assert stderr.startswith("error: lost worker 1 of the multi-worker run") and "Traceback" not in stderr
+    assert "resume from the chief's newest checkpoint (epoch 1)" in stderr
+    procs[1].communicate()
+
+    # SIGTERM to the chief: every worker checkpoints the same step and stops.
+    procs = _two_workers(MULTI_WORKER, lost)
+    _wait_for_line(procs[0], "epoch 3/3  step 2/8 ")
+    procs[0].send_signal(signal.SIGTERM)
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], errors
+    steps = [re.search(r"stopped by SIGTERM at step (\d)/8 of epoch 3/3", e).group(1) for e in errors]
+    assert steps[0] == steps[1], errors
+    assert (lost / "checkpoints" / f"epoch_0002_step_00000{steps[0]}.keras").is_file()
+    assert (lost / "worker1" / "checkpoints" / f"epoch_0002_step_00000{steps[0]}.keras").is_file()
+
+    # Started again, both resume from the chief's checkpoint and end as the uninterrupted run.
+    procs = _two_workers(MULTI_WORKER, lost)
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outputs]
+    for stdout, _ in outputs:
+        assert f"resuming from {lost / 'checkpoints' / f'epoch_0002_step_00000{steps[0]}.keras'}" in stdout
+    for folder in (lost, lost / "worker1"):
+        _, resumed = _weights(folder / "model.keras")
+        for a, b in zip(uninterrupted, resumed):
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_strategy_errors(monkeypatch):

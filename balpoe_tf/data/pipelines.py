@@ -33,14 +33,15 @@ def _file_image(contents, data: LabeledData, augment: Optional[str], seed, rand_
 
 
 def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int, augment=None,
-             seed=None, rand_augment=None) -> tf.data.Dataset:
-    """`(images, labels)` batches of `split` in the given order. Image files are read and
-    transformed one by one; `image_check.check_image_files` has checked them, and a file that
-    does not start like an image fails with its path."""
+             seed=None, rand_augment=None, skip=0) -> tf.data.Dataset:
+    """`(images, labels)` batches of `split` in the given order, the first `skip` examples
+    left out (read no further than their position). Image files are read and transformed
+    one by one; `image_check.check_image_files` has checked them, and a file that does not
+    start like an image fails with its path."""
     if split.stream is not None:
-        return _stream_batches(data, split, batch_size, augment, seed, rand_augment)
+        return _stream_batches(data, split, batch_size, augment, seed, rand_augment, skip)
     labels = tf.constant(split.labels, tf.int32)
-    indices = tf.data.Dataset.from_tensor_slices(order)
+    indices = tf.data.Dataset.from_tensor_slices(order[skip:])
     if not split.is_files:
         images = tf.constant(split.images)
         return indices.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
@@ -58,16 +59,18 @@ def _batches(data: LabeledData, split: Split, order: tf.Tensor, batch_size: int,
 
 
 def _stream_batches(data: LabeledData, split: Split, batch_size: int, augment=None, seed=None,
-                    rand_augment=None) -> tf.data.Dataset:
+                    rand_augment=None, skip=0) -> tf.data.Dataset:
     """`(images, labels)` batches of a streamed split: its records in file order (test) or
-    shuffled through a buffer seeded by `seed` (training), each decoded and transformed as an
-    image file is, with a per-record stateless seed."""
+    shuffled through a buffer seeded by `seed` (training), the first `skip` left out before
+    decoding, each decoded and transformed as an image file is, with a per-record stateless
+    seed."""
     kept = np.zeros(split.stream.num_records, bool)
     kept[split.images] = True
     kept = tf.constant(kept)
     ds = split.stream.records().filter(lambda i, contents, label: tf.gather(kept, i))
     if seed is not None:
         ds = ds.shuffle(STREAM_SHUFFLE_BUFFER, seed=seed[0] * 1_000_003 + seed[1], reshuffle_each_iteration=False)
+    ds = ds.skip(skip)
 
     def load(i, contents, label):
         example_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, i)
@@ -84,12 +87,13 @@ def normalizer(mean, std):
 
 
 def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 0,
-                   augment: str = "cifar", start_epoch: int = 0) -> tf.data.Dataset:
-    """Shuffled, augmented, normalised training batches for epochs [start_epoch, epochs).
+                   augment: str = "cifar", start_epoch: int = 0, start_step: int = 0) -> tf.data.Dataset:
+    """Shuffled, augmented, normalised training batches for epochs [start_epoch, epochs),
+    the first from its step `start_step`.
 
     Each epoch's order and augmentation come from stateless seeds derived from
-    `(seed, epoch)`, so a run resumed at epoch k sees exactly the batches an
-    uninterrupted run would.
+    `(seed, epoch)` and each batch's from its step, so a run resumed at any step sees
+    exactly the batches an uninterrupted run would.
 
     Args:
         data: dataset whose `train` split is used.
@@ -98,10 +102,12 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
         seed: run seed.
         augment: one of `AUGMENTATIONS`.
         start_epoch: first epoch.
+        start_step: batches of the first epoch that are left out (a run resumed inside it).
 
     Returns:
         A dataset of `(images float32 (B, H, W, C), labels int32 (B,))`,
-        `steps_per_epoch(len(train), batch_size)` batches per epoch.
+        `steps_per_epoch(len(train), batch_size)` batches per epoch (fewer in the first with
+        `start_step`).
     """
     if augment not in AUGMENTATIONS:
         raise DataError(f"unknown augmentation {augment!r}; choose one of {AUGMENTATIONS}")
@@ -116,7 +122,10 @@ def train_pipeline(data: LabeledData, batch_size: int, epochs: int, seed: int = 
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), epoch_seed)
-        batches = _batches(data, split, order, batch_size, augment, epoch_seed, rand_augment).enumerate()
+        skip = tf.where(epoch == start_epoch, tf.constant(start_step, tf.int64), 0)
+        batches = tf.data.Dataset.zip((tf.data.Dataset.range(skip, tf.int64.max),
+                                       _batches(data, split, order, batch_size, augment, epoch_seed, rand_augment,
+                                                skip * batch_size)))
 
         def prepare(step, batch):
             images, labels = batch
