@@ -570,38 +570,6 @@ def _seed_precision_cache(folder, config, replicas, speedup):
     return candidates
 
 
-@pytest.mark.slow
-def test_two_workers_on_loopback_agree_on_the_weights(tmp_path):
-    ports = [_free_port(), _free_port()]
-    args = [*TINY, "--epochs=2", "--strategy=multi_worker", "--sync_bn", "--noexport", f"--output_dir={tmp_path}"]
-    # Each worker finds its own cached measurement of --precision=auto: the first found a mixed
-    # precision faster, the second did not, so both must train in float32.
-    caches = [tmp_path / "cache0", tmp_path / "cache1"]
-    candidates = [_seed_precision_cache(folder, parse(*args), 2, speedup) for folder, speedup in
-                  zip(caches, (1.5, 0.9))][0]
-    procs = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                     "task": {"type": "worker", "index": index}}
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG=json.dumps(tf_config),
-                   BALPOE_TF_CACHE_DIR=str(caches[index]))
-        procs.append(subprocess.Popen([sys.executable, "tools/train.py", *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outputs]
-    for output in outputs:
-        assert "\nprecision float32 (--precision=auto" in output, output[-3000:]
-    if candidates:  # the first worker gave up its faster measurement for the second's
-        assert "precision float32 (--precision=auto: the precision every worker measured fastest" in outputs[0]
-    # The chief writes the run folder; worker 1 its own sub-folder. With synchronised BN
-    # even the moving statistics agree (per-replica BN keeps each worker's own).
-    _, chief = _weights(tmp_path / "model.keras")
-    _, worker = _weights(tmp_path / "worker1" / "model.keras")
-    for a, b in zip(chief, worker):
-        np.testing.assert_allclose(a, b, atol=1e-6)
-    assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 2
-
-
 def _start(args, env=None):
     env = {k: v for k, v in (env or os.environ).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.Popen([sys.executable, "tools/train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -654,26 +622,41 @@ def test_a_signal_at_a_random_step_saves_where_the_run_is_and_it_resumes_exactly
     assert results[0]["accuracy"] == pytest.approx(results[1]["accuracy"], abs=1e-6)
 
 
-def _two_workers(args, out, env=None):
+def _two_workers(args, out, caches=None):
+    """Two workers of one run on loopback; worker i with its --precision=auto cache in `caches[i]`."""
     ports = [_free_port(), _free_port()]
     procs = []
     for index in range(2):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-        procs.append(_start([*args, f"--output_dir={out}"], dict(env or os.environ, TF_CONFIG=json.dumps(tf_config))))
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config))
+        if caches:
+            env["BALPOE_TF_CACHE_DIR"] = str(caches[index])
+        procs.append(_start([*args, f"--output_dir={out}"], env))
     return procs
 
 
-MULTI_WORKER = [*TINY, "--epochs=3", "--strategy=multi_worker", "--sync_bn", "--noexport", "--precision=float32",
-                "--progress_every=1e-9"]
+MULTI_WORKER = [*TINY, "--epochs=3", "--strategy=multi_worker", "--sync_bn", "--noexport", "--progress_every=1e-9"]
 
 
 @pytest.mark.slow
-def test_a_lost_worker_stops_the_other_and_a_signal_stops_both_and_they_resume_exactly(tmp_path):
-    full = _two_workers(MULTI_WORKER, tmp_path / "full")
-    for proc in full:
-        proc.communicate(timeout=600)
-        assert proc.returncode == 0
+def test_two_workers_agree_stop_together_and_resume_exactly(tmp_path):
+    # Each worker finds its own cached measurement of --precision=auto: the first found a mixed
+    # precision faster, the second did not, so both must train in float32.
+    caches = [tmp_path / "cache0", tmp_path / "cache1"]
+    candidates = [_seed_precision_cache(folder, parse(*MULTI_WORKER), 2, speedup) for folder, speedup in
+                  zip(caches, (1.5, 0.9))][0]
+    outputs = [p.communicate(timeout=600) for p in _two_workers(MULTI_WORKER, tmp_path / "full", caches)]
+    for stdout, stderr in outputs:
+        assert "\nprecision float32 (--precision=auto" in stdout, stderr[-3000:]
+    if candidates:  # the first worker gave up its faster measurement for the second's
+        assert "precision float32 (--precision=auto: the precision every worker measured fastest" in outputs[0][0]
+    # The chief writes the run folder; worker 1 its own sub-folder. With synchronised BN
+    # even the moving statistics agree (per-replica BN keeps each worker's own).
     _, uninterrupted = _weights(tmp_path / "full" / "model.keras")
+    _, worker = _weights(tmp_path / "full" / "worker1" / "model.keras")
+    for a, b in zip(uninterrupted, worker):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert json.loads((tmp_path / "full" / "results.json").read_text())["epochs"] == 3
 
     # A worker killed mid-epoch: the other stops within seconds, naming it.
     lost = tmp_path / "lost"
