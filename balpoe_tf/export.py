@@ -211,7 +211,7 @@ class ExportConfig:
     precision: str = config_field("float32", "Precision the SavedModel computes in, whatever the run trained in. "
                                              "float32 serves well on any machine; a mixed precision can be faster "
                                              "only where the serving hardware computes it natively, and not "
-                                             "always there (docs/results.md). auto: the precision measured faster "
+                                             "always there (docs/performance.md). auto: the precision measured faster "
                                              "at prediction on this machine, for serving on machines like it.",
                                   one_of(("auto",) + PRECISIONS))
 

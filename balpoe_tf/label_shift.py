@@ -196,7 +196,7 @@ class Holdout:
     Alexandari et al. do, on the logits of that distribution (`balanced + log pi_train`)
     without re-weighting, and then stated for balanced logits. Re-weighting the held-out
     images to a balanced mix, measured, gave noisier biases: the tail classes have only a
-    few held-out images each (docs/results.md).
+    few held-out images each (docs/reproducing.md).
     """
 
     labels: np.ndarray

@@ -4,7 +4,7 @@ batch, made once per machine, software and model shape and cached.
 
 CPU flags alone do not tell which precision trains faster: bfloat16 trained 1.57x as fast as
 float32 on an AMD EPYC with AVX512-BF16 and 0.65x on an Intel Xeon with the same flag
-(docs/results.md, "Precision"), so auto measures.
+(docs/performance.md, "Precision"), so auto measures.
 """
 
 import dataclasses
@@ -27,7 +27,7 @@ MIN_SPEEDUP = 1.05
 
 # x86 CPU features (/proc/cpuinfo flags) with which a CPU computes a mixed precision in its own
 # arithmetic. Without them TensorFlow emulates it (in oneDNN on AVX-512, through Eigen otherwise),
-# which trains slower than float32 (docs/results.md, "Precision").
+# which trains slower than float32 (docs/performance.md, "Precision").
 NATIVE_CPU_FEATURES = {"mixed_bfloat16": ("avx512_bf16", "amx_bf16", "avx_ne_convert"),
                        "mixed_float16": ("avx512_fp16", "amx_fp16", "avx_ne_convert")}
 
@@ -93,7 +93,7 @@ def emulated_precision_warning(precision: str, has_gpu: bool, flags) -> str:
     if not features or has_gpu or flags is None or flags & set(features):
         return ""
     return (f"warning: --precision={precision} on a CPU without {', '.join(features[:-1])} or {features[-1]}: "
-            "TensorFlow emulates it, which trains slower than float32, not faster (docs/results.md, "
+            "TensorFlow emulates it, which trains slower than float32, not faster (docs/performance.md, "
             "\"Precision\"); use --precision=float32")
 
 

@@ -57,7 +57,7 @@ class SGDWithL2(keras.optimizers.Optimizer):
         # Keras's own SGD finds a variable's slot this way; there is no public lookup.
         buf = self.buffers[self._get_variable_index(variable)]
         # TensorFlow's momentum kernel is the update above (Nesterov: w -= lr * g + lr * m * buf) in one
-        # op instead of seven per variable; the 3-expert ResNet-32 trains 1.4 % faster (docs/results.md).
+        # op instead of seven per variable; the 3-expert ResNet-32 trains 1.4 % faster (docs/performance.md).
         tf.raw_ops.ResourceApplyMomentum(var=variable.handle, accum=buf.handle, lr=lr, grad=g,
                                          momentum=ops.cast(self.momentum, variable.dtype),
                                          use_nesterov=self.nesterov)

@@ -43,7 +43,7 @@ def test_emulated_precision_warning(name, has_gpu, flags, warned):
     ([], {"avx2", "avx512f", "avx512_bf16"}, ("mixed_bfloat16",)),  # Zen 4/5, Cooper Lake and later Xeons
     ([], {"avx512f", "amx_bf16"}, ("mixed_bfloat16",)),
     ([], {"avx512_bf16", "avx512_fp16"}, ("mixed_bfloat16",)),  # float16 is not measured on CPUs
-    ([], {"avx2", "avx512f"}, ()),  # bfloat16 emulated: 0.42x float32 (docs/results.md)
+    ([], {"avx2", "avx512f"}, ()),  # bfloat16 emulated: 0.42x float32 (docs/performance.md)
     ([], {"avx2", "avx_ne_convert"}, ()),  # converts bfloat16 but does not compute it
     ([], None, ()),  # flags unknown (not Linux, not x86)
     ([(8, 0), (9, 0)], {"avx2"}, ("mixed_bfloat16", "mixed_float16")),  # the GPUs compute the model

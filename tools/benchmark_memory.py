@@ -37,7 +37,7 @@ flags.DEFINE_integer("num_classes", 10, "Classes of the generated data (the clas
 flags.DEFINE_enum("precision", "float32", run_config.PRECISIONS,
                   "Compute precision, as tools/train.py --precision (auto is not offered: its measurement would "
                   "build a model in each precision and so raise the peak this tool reports).")
-flags.DEFINE_string("output", "benchmarks/memory.json", "Where the JSON goes.")
+flags.DEFINE_string("output", "", "Where the JSON goes (default benchmarks/memory_<precision>.json).")
 FLAGS = flags.FLAGS
 
 
@@ -91,11 +91,12 @@ def main(argv):
         model.fit(pipeline, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
         result["train_images_per_s"] = FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start)
         result["after_training_mib"] = peak_rss_mib()
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
+    output = FLAGS.output or f"benchmarks/memory_{FLAGS.precision.replace('mixed_', '')}.json"
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
-    print(f"wrote {FLAGS.output}")
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

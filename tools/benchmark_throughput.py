@@ -50,7 +50,8 @@ flags.DEFINE_list("onednn", ["1", "0"], "TF_ENABLE_ONEDNN_OPTS values to compare
 flags.DEFINE_list("xla", ["0", "1"], "jit_compile values to compare (0 off, 1 on).")
 flags.DEFINE_integer("runs", 5, "Timed runs; the median is reported.")
 flags.DEFINE_integer("steps", 5, "Steps per timed run.")
-flags.DEFINE_string("output", "benchmarks/throughput.json", "Where the JSON goes (and .md beside it).")
+flags.DEFINE_string("output", "benchmarks/settings.json", "Where the JSON goes (and .md beside it); with "
+                    "--reference, default benchmarks/vs_official_<precision>.json.")
 flags.DEFINE_string("worker", "", "Internal: measure one 'model,xla' setting in this process.")
 flags.DEFINE_bool("interactive", False, "Internal: the worker answers train/predict/serve requests on stdin.")
 flags.DEFINE_string("reference", "", "Checkout of the official code: measure it and ours in pairs.")
@@ -357,7 +358,7 @@ def main(argv):
             sys.exit(f"error: --reference={FLAGS.reference}: not a checkout of emasa/BalPoE-CalibratedLT "
                      "(no model/model.py); clone it and pass its folder")
         if not FLAGS["output"].present:
-            FLAGS.output = "benchmarks/throughput_paired.json"
+            FLAGS.output = f"benchmarks/vs_official_{FLAGS.precision[0].replace('mixed_', '')}.json"
         rows = []
         names = FLAGS.models if FLAGS["models"].present else [n for n in MODELS if MODELS[n][0] == "resnet32"]
         if any(MODELS[n][0] != "resnet32" for n in names):

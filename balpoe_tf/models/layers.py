@@ -18,7 +18,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     Keras 3 normalises with separate moment, subtract, scale and shift ops; with the
     fused kernel (one op forward, one backward) the 3-expert ResNet-32 trains about 1.4x
-    as fast on CPU (docs/results.md). Same weights, same outputs. The moving variance is
+    as fast on CPU (docs/performance.md). Same weights, same outputs. The moving variance is
     updated with the unbiased batch variance, as PyTorch's BatchNorm2d does (Keras uses
     the biased one). Synchronised batch norm, masks and inputs that are not 4-D
     channels-last take the Keras path.
@@ -48,7 +48,7 @@ def conv_batch_norm(convolution, bn, x, training=None):
     At inference the batch norm is folded into the convolution (kernel * s, bias
     beta - mean * s, s = gamma / sqrt(var + eps)), which TensorFlow's graph optimiser
     then fuses with a following residual addition and ReLU into one kernel: the 3-expert
-    ResNet-32 predicts about 4 % faster, its exported SavedModel too (docs/results.md).
+    ResNet-32 predicts about 4 % faster, its exported SavedModel too (docs/performance.md).
     Training, and batch norms this cannot fold (synchronised, not fused), are unchanged.
 
     Args:
@@ -140,7 +140,7 @@ def subsample(x, stride):
 
     When the height and width are multiples of the stride, it is a reshape and a slice: the
     gradient of a strided slice runs 4-5x slower here than that of a slice (a pad); the
-    3-expert ResNet-32 trains 1.5 % faster (docs/results.md).
+    3-expert ResNet-32 trains 1.5 % faster (docs/performance.md).
     """
     _, h, w, c = x.shape
     if h is None or w is None or h % stride or w % stride:
