@@ -18,25 +18,13 @@ import tensorflow as tf
 from balpoe_tf import data as lt_data
 from balpoe_tf import label_shift, models, reporting, run_config, run_folder
 from balpoe_tf import metrics as lt_metrics
-from balpoe_tf.config import at_least, between, Check, config_field, one_of, RunError, validate
+from balpoe_tf.names import (DEFAULT_ESTIMATOR, DEFAULT_SAFEGUARD_LEVEL, DISTRIBUTIONS, parse_distribution,
+                             PRIOR_MODES)
 from balpoe_tf.progress import Progress
+from balpoe_tf.run_data import load_data
+from balpoe_tf.settings import EvalConfig
 
-SHIFT_RATIOS = (50, 25, 10, 5, 2)
-# Paper order: Forward 50 ... Forward 2, Uniform, Backward 2 ... Backward 50.
-DISTRIBUTIONS = tuple([f"forward{r}" for r in SHIFT_RATIOS] + ["uniform"]
-                      + [f"backward{r}" for r in reversed(SHIFT_RATIOS)])
-PRIOR_MODES = ("none", "known", "estimated")
 PRIOR_FLOOR = lt_data.PRIOR_FLOOR
-
-
-def parse_distribution(name: str):
-    """('forward' | 'backward' | 'uniform', ratio) of a distribution name like 'forward50'."""
-    if name == "uniform":
-        return "uniform", 1.0
-    for direction in ("forward", "backward"):
-        if name.startswith(direction) and name[len(direction):].replace(".", "", 1).isdigit():
-            return direction, float(name[len(direction):])
-    raise ValueError(f"unknown distribution {name!r}: use uniform, forwardR or backwardR (e.g. forward50)")
 
 
 def frequency_rank(train_counts) -> np.ndarray:
@@ -155,7 +143,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
                          subsets: Optional[Dict[str, np.ndarray]] = None,
                          estimators: Optional[Sequence[str]] = None,
                          holdout: Optional[label_shift.Holdout] = None,
-                         safeguard_level: float = label_shift.DEFAULT_SAFEGUARD_LEVEL) -> dict:
+                         safeguard_level: float = DEFAULT_SAFEGUARD_LEVEL) -> dict:
     """Metrics of every (distribution, prior mode).
 
     Args:
@@ -166,7 +154,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
         prior_modes: subset of `PRIOR_MODES`.
         subsets: optional fixed index sets by distribution name (e.g. from list files);
             others are built with `shifted_indices`.
-        estimators: with "estimated" in `prior_modes`, the `label_shift.ESTIMATORS` to
+        estimators: with "estimated" in `prior_modes`, the `names.ESTIMATORS` to
             measure: the first under "estimated", the others under "estimated:NAME"
             (default: the default estimator with a held-out split, plain EM without).
         holdout: the run's held-out predictions, for the estimators that need them.
@@ -180,7 +168,7 @@ def evaluate_predictions(preds: Predictions, train_counts, mean_lambda: float,
     base = label_shift.model_prior(train_counts, mean_lambda)
     trained_log_prior = label_shift.trained_log_prior(train_counts, mean_lambda)
     if estimators is None:
-        estimators = usable_estimators([label_shift.DEFAULT_ESTIMATOR], holdout is not None)
+        estimators = label_shift.usable_estimators([DEFAULT_ESTIMATOR], holdout)
     modes = [m for m in prior_modes if m != "estimated"]
     if "estimated" in prior_modes:
         modes += [(name, i == 0) for i, name in enumerate(estimators)]
@@ -341,61 +329,6 @@ def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):
 # The evaluation command.
 
 
-def _is_distribution(name: str) -> bool:
-    try:
-        return parse_distribution(name)[1] >= 1
-    except ValueError:
-        return False
-
-
-def _comma_list(check: Check) -> Check:
-    """A comma-separated string whose items each follow `check`."""
-    return Check(lambda v: bool(v.strip(",")) and all(check.ok(x) for x in v.split(",") if x),
-                 f"a comma-separated list of {check.rule}")
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    """Settings of tools/evaluate.py (each field is a flag, checked when made)."""
-
-    run_dir: str = config_field("", "Run folder(s) of tools/train.py, comma-separated; each is a table row "
-                                    "group.", Check(lambda v: bool(v.strip(",")), "one or more run folders"))
-    distributions: str = config_field(
-        "all", "'all' or comma-separated names: uniform, forwardR, backwardR.",
-        Check(lambda v: v == "all" or _comma_list(Check(_is_distribution, "")).ok(v),
-              "'all' or a comma-separated list of uniform, forwardR, backwardR with R >= 1 (e.g. forward50)"))
-    priors: str = config_field(",".join(PRIOR_MODES), "Comma-separated test-time prior modes.",
-                               _comma_list(one_of(PRIOR_MODES)))
-    output_dir: str = config_field("", "Where the reports go (default: RUN_DIR/evaluation of the first run).")
-    prior_estimator: str = config_field(label_shift.DEFAULT_ESTIMATOR, "How the 'estimated' prior mode estimates "
-                                        "the test prior: bcts_em (EM on posteriors calibrated on the run's "
-                                        "held-out split), ts_em, bbse, map_em or em (plain EM). A run without a "
-                                        "held-out split falls back to em, with a warning.",
-                                        one_of(label_shift.ESTIMATORS))
-    compare_estimators: str = config_field("", "More estimators to measure beside --prior_estimator "
-                                               "(comma-separated), as extra rows.",
-                                           Check(lambda v: not v.strip(",") or _comma_list(
-                                               one_of(label_shift.ESTIMATORS)).ok(v),
-                                                 "empty or a comma-separated list of "
-                                                 + ", ".join(label_shift.ESTIMATORS)))
-    prior_safeguard: float = config_field(label_shift.DEFAULT_SAFEGUARD_LEVEL, "Keep the model's own prior "
-                                          "unless a likelihood-ratio test finds a shift at this significance "
-                                          "level (0: always use the estimate).", between(0, 1, open_high=True))
-    batch_size: int = config_field(256, "Prediction batch size.", at_least(1))
-    shift_list_dir: str = config_field("", "Folder of standard shifted-set list files ('path label' lines) "
-                                     "named *_<distribution>.txt (e.g. ImageNet_LT_forward50.txt); "
-                                     "without it the sets are built from the balanced test set.")
-    data_dir: str = config_field("", "Override the run's --data_dir (TFDS data) on this machine.")
-    data_path: str = config_field("", "Override the run's --data_path on this machine.")
-    data_root: str = config_field("", "Override the run's --data_root on this machine.")
-    progress_every: float = config_field(30.0, "Seconds between progress lines of a prediction when output is "
-                                               "not a terminal (0: none); a terminal gets one updating line.",
-                                         at_least(0))
-
-    def __post_init__(self):
-        validate(self)
-
-
 def _run_config(record: dict, config: EvalConfig) -> "run_config.RunConfig":
     saved = run_config.RunConfig(**record["config"])
     overrides = {k: getattr(config, k) for k in ("data_dir", "data_path", "data_root") if getattr(config, k)}
@@ -445,7 +378,7 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
     for run_dir in runs:
         model, record = run_folder.load_run(run_dir)
         saved_config = _run_config(record, config)
-        data = run_config.load_data(saved_config, os.path.join(run_dir, run_folder.IMAGE_RECORD), splits=("test",))
+        data = load_data(saved_config, os.path.join(run_dir, run_folder.IMAGE_RECORD), splits=("test",))
         train_counts = record["data"]["train_counts"]
         check_same_test_data(data, record, run_dir, model.num_classes)
         name = os.path.basename(os.path.normpath(run_dir))
@@ -458,12 +391,10 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
         subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
                                saved_config.data_root)
         holdout = label_shift.load_holdout(run_dir)
-        estimators = usable_estimators([config.prior_estimator] + [e for e in config.compare_estimators.split(",")
-                                                                     if e], holdout is not None)
+        estimators = label_shift.usable_estimators(
+            [config.prior_estimator] + [e for e in config.compare_estimators.split(",") if e], holdout)
         if estimators[0] != config.prior_estimator and "estimated" in modes:
-            log(f"warning: {name} has no held-out split, so its estimated prior is plain EM (uncalibrated: it "
-                f"over-corrects a miscalibrated model); train with --holdout_fraction=0.1 for "
-                f"--prior_estimator={config.prior_estimator}")
+            log(f"warning: {name} {label_shift.fallback_reason(config.prior_estimator)}")
         results[name] = evaluate_predictions(preds, train_counts, mean_lambda, distributions, modes, subsets,
                                              estimators, holdout, config.prior_safeguard)
         bins = reliability_bins(preds.labels, preds.logits)
@@ -494,13 +425,6 @@ def check_same_test_data(data: lt_data.LabeledData, record: dict, run_dir: str, 
     if not saved and data.train_counts().tolist() != record["data"]["train_counts"]:
         raise lt_data.DataError(f"the data loaded now ({data.name}, {data.num_classes} classes) is not the data "
                                 f"{run_dir} was trained on: check the data flags")
-
-
-def usable_estimators(names: Sequence[str], has_holdout: bool) -> list:
-    """`names` without repeats and without those a run lacking a held-out split cannot use;
-    plain EM stands in for the first when it is one of them."""
-    usable = [e for e in dict.fromkeys(names) if has_holdout or e not in label_shift.NEEDS_HOLDOUT]
-    return usable if usable and usable[0] == names[0] else ["em"] + [e for e in usable if e != "em"]
 
 
 def _write_diagrams(bins, run_dir: str, output_dir: str, name: str):

@@ -18,7 +18,8 @@ from balpoe_tf import preemption
 from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard, ProgressLine, write_final_metrics
 from balpoe_tf.config import RunError
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
-from balpoe_tf.run_config import (baseline_config, config_to_flags, load_data, quick_config, RUN_CONTROL, RunConfig,
+from balpoe_tf.run_data import load_data
+from balpoe_tf.run_config import (baseline_config, config_to_flags, quick_config, RUN_CONTROL, RunConfig,
                                   STRATEGIES, test_batch_size)
 from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, config_path, describe_position,
                                   finished_results, IMAGE_RECORD, latest_checkpoint, load_latest_checkpoint,

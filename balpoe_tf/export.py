@@ -33,7 +33,7 @@ from balpoe_tf import label_shift, models
 from balpoe_tf import precision as precision_lib
 from balpoe_tf.config import RunError, NON_EMPTY, at_least, config_field, greater_than, one_of, validate
 from balpoe_tf.data import PRIOR_FLOOR
-from balpoe_tf.precision import PRECISIONS
+from balpoe_tf.settings import ExportConfig
 from balpoe_tf.run_folder import check_writable_folder, load_run, read_run_record
 
 # Classes and training prior of an export, in its assets.extra folder.
@@ -194,29 +194,6 @@ def export_run(model, record: dict, export_dir: str, top_k: int = 5,
                               data["train_counts"], float(np.mean(record["config"]["lambdas"])), top_k,
                               data.get("test_crop", 0.0), max_pixels, calibration)
 
-
-
-@dataclasses.dataclass
-class ExportConfig:
-    """Settings of tools/export.py (each field is a flag)."""
-
-    run_dir: str = config_field("", "Run folder of tools/train.py (its model.keras or last checkpoint).",
-                                NON_EMPTY)
-    export_dir: str = config_field("", "Where the versions go (default RUN_DIR/export).")
-    top_k: int = config_field(5, "How many classes the top-k outputs hold (at most the class count).",
-                              at_least(1))
-    max_image_megapixels: float = config_field(lt_data.MAX_IMAGE_PIXELS / 1e6, "Image-bytes signatures refuse "
-                                               "larger images (read from the header, before decoding).",
-                                               greater_than(0))
-    precision: str = config_field("float32", "Precision the SavedModel computes in, whatever the run trained in. "
-                                             "float32 serves well on any machine; a mixed precision can be faster "
-                                             "only where the serving hardware computes it natively, and not "
-                                             "always there (docs/performance.md). auto: the precision measured faster "
-                                             "at prediction on this machine, for serving on machines like it.",
-                                  one_of(("auto",) + PRECISIONS))
-
-    def __post_init__(self):
-        validate(self)
 
 
 # Images per measured prediction of tools/export.py --precision=auto.

@@ -18,47 +18,8 @@ import tensorflow as tf
 
 from balpoe_tf import data as lt_data
 from balpoe_tf import export, label_shift, models, reporting, run_folder
-from balpoe_tf.config import at_least, between, Check, config_field, NON_EMPTY, one_of, refuse, RunError, validate
-
-
-@dataclasses.dataclass
-class PredictConfig:
-    """Settings of tools/predict.py (each field is a flag, checked when made)."""
-
-    model: str = config_field("", "A run folder of tools/train.py, or an exported SavedModel: a version "
-                                  "folder, or the export folder (its newest version).", NON_EMPTY)
-    inputs: List[str] = config_field([], "Image files, folders (searched recursively for "
-                                     f"{'/'.join(lt_data.IMAGE_EXTENSIONS)}) and list files (.txt: one path "
-                                     "per line, relative to the list's folder; anything after the path is "
-                                     "ignored).", Check(bool, "one or more files, folders or list files"))
-    top_k: int = config_field(5, "Classes shown per image (at most the class count).", at_least(1))
-    prior: str = config_field("", "Deployment prior: counts or probabilities, one per class, as a comma list "
-                                  "or a file of numbers (commas, spaces or new lines, or a JSON list).")
-    estimate_prior: bool = config_field(False, "Estimate the label prior of the given images (with "
-                                               "--prior_estimator) and apply it.")
-    prior_estimator: str = config_field(label_shift.DEFAULT_ESTIMATOR, "How --estimate_prior estimates: bcts_em "
-                                        "(EM on posteriors calibrated on the run's held-out split; needs a run "
-                                        "trained with --holdout_fraction), ts_em, bbse (run folders only), map_em "
-                                        "or em (plain EM, uncalibrated).", one_of(label_shift.ESTIMATORS))
-    prior_safeguard: float = config_field(label_shift.DEFAULT_SAFEGUARD_LEVEL, "Keep the model's own prior "
-                                          "unless a likelihood-ratio test finds a shift at this significance "
-                                          "level (0: always use the estimate).", between(0, 1, open_high=True))
-    save_prior: str = config_field("", "Write the estimated (or given) prior to this JSON file: one probability "
-                                       "per class, the list --prior and TF Serving's predict_calibrated_with_prior "
-                                       "and predict_with_prior take.")
-    output: str = config_field("", "Also write the predictions to this .csv or .json file.",
-                               Check(lambda v: not v or v.lower().endswith((".csv", ".json")),
-                                     "empty or a file name ending in .csv or .json"))
-    bad_images: str = config_field("skip", "A file that cannot be read as an image: 'skip' it, naming it and "
-                                           "why, or 'fail' at the first.", one_of(("skip", "fail")))
-    batch_size: int = config_field(64, "Images per model call.", at_least(1))
-
-    def __post_init__(self):
-        validate(self)
-        if self.prior and self.estimate_prior:
-            refuse("estimate_prior", True, "false when --prior is given (one prior at a time)")
-        if self.save_prior and not (self.prior or self.estimate_prior):
-            refuse("save_prior", self.save_prior, "empty without --estimate_prior or --prior (no prior to save)")
+from balpoe_tf.config import RunError
+from balpoe_tf.settings import PredictConfig
 
 
 METADATA_FILE = os.path.join("assets.extra", export.METADATA_NAME)
@@ -226,13 +187,13 @@ def predict_files(config: PredictConfig, log: Callable[[str], None] = print) -> 
     elif config.estimate_prior:
         mode = "estimated"
         model_prior = label_shift.model_prior(classifier.train_counts, classifier.mean_lambda)
-        try:
-            prior = label_shift.estimate_prior(config.prior_estimator, balanced, model_prior, classifier.holdout,
-                                               classifier.calibration, config.prior_safeguard, "the given images")
-        except ValueError as e:
-            raise RunError(f"{config.model}: {e}") from None
-        calibration = label_shift.estimator_calibration(config.prior_estimator, classifier.holdout,
-                                                        classifier.calibration)
+        (estimator,) = label_shift.usable_estimators([config.prior_estimator], classifier.holdout,
+                                                     classifier.calibration)
+        if estimator != config.prior_estimator:  # as tools/evaluate.py does
+            log(f"warning: {config.model} {label_shift.fallback_reason(config.prior_estimator)}")
+        prior = label_shift.estimate_prior(estimator, balanced, model_prior, classifier.holdout,
+                                           classifier.calibration, config.prior_safeguard, "the given images")
+        calibration = label_shift.estimator_calibration(estimator, classifier.holdout, classifier.calibration)
     else:
         mode, prior = "none", None
     logits = balanced + classifier.trained_log_prior() if prior is None else \

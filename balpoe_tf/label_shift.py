@@ -19,13 +19,8 @@ import numpy as np
 from scipy import optimize, stats
 
 from balpoe_tf.data.longtail import PRIOR_FLOOR, class_prior
+from balpoe_tf.names import DEFAULT_SAFEGUARD_LEVEL, ESTIMATORS, NEEDS_HOLDOUT
 
-# Estimators by name; those after "map_em" need the run's held-out split.
-ESTIMATORS = ("em", "map_em", "bbse", "ts_em", "bcts_em")
-NEEDS_HOLDOUT = ("bbse", "ts_em", "bcts_em")
-DEFAULT_ESTIMATOR = "bcts_em"
-# Significance level of the likelihood-ratio test that keeps the model's prior (0: no test).
-DEFAULT_SAFEGUARD_LEVEL = 0.01
 # Dirichlet concentration per class of "map_em", in pseudo-samples added to every class.
 MAP_PSEUDO_COUNT = 10.0
 
@@ -218,6 +213,23 @@ def _balanced_frame(calibration: Calibration, log_prior) -> Calibration:
     `(z + log pi) / T + b - log pi = z / T + b + (1 / T - 1) log pi`."""
     biases = calibration.biases + (1.0 / calibration.temperature - 1.0) * log_prior
     return dataclasses.replace(calibration, biases=biases - biases.mean())
+
+
+def usable_estimators(names, holdout: Optional[Holdout] = None, calibration: Optional[Calibration] = None) -> list:
+    """`names` without repeats and without those that the model at hand cannot use: bbse and
+    ts_em need its held-out split, bcts_em that or its calibration (a SavedModel's). Plain EM
+    stands in for the first when it is one of them (`fallback_reason` says why)."""
+    def usable(name):
+        return name not in NEEDS_HOLDOUT or holdout is not None or (name == "bcts_em" and calibration is not None)
+
+    kept = [e for e in dict.fromkeys(names) if usable(e)]
+    return kept if kept and kept[0] == names[0] else ["em"] + [e for e in kept if e != "em"]
+
+
+def fallback_reason(estimator: str) -> str:
+    """Why plain EM stood in for `estimator` (the end of a warning about a model)."""
+    return (f"has no held-out split, so its estimated prior is plain EM (uncalibrated: it over-corrects a "
+            f"miscalibrated model); train with --holdout_fraction=0.1 for --prior_estimator={estimator}")
 
 
 def estimator_calibration(method: str, holdout: Optional[Holdout] = None,

@@ -22,16 +22,10 @@ from tensorboard.compat.proto import event_pb2
 
 from balpoe_tf import evaluation, experiment, reporting, run_config, run_folder
 from balpoe_tf.config import at_least, Check, config_field, each, NON_EMPTY, one_of, RunError, validate
+from balpoe_tf.names import METHODS, PRIOR_MODES
+from balpoe_tf.settings import EvalConfig, ReproduceConfig
 from balpoe_tf.precision import PrecisionChoice
 
-# Method -> (title in tables, baseline of `run_config.BASELINES` trained like the BalPoE run).
-METHODS = {
-    "balpoe": ("BalPoE", None),
-    "bs": ("BS (lambda 0)", "bs"),
-    "balpoe_no_mixup": ("BalPoE, no mixup", "erm"),
-    "ce": ("CE", "ce"),
-    "uniform": ("uniform ensemble", "uniform"),
-}
 # Balanced-test metrics of the summary, in percent except NLL.
 SUMMARY_METRICS = reporting.RESULT_COLUMNS
 
@@ -86,7 +80,7 @@ def evaluate_run(run_dir: str, log: Callable[[str], None] = print) -> dict:
         with open(cached) as f:
             saved = json.load(f)
     if saved is None or "reliability" not in saved["details"][name]:
-        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=run_dir, priors=",".join(evaluation.PRIOR_MODES),
+        evaluation.evaluate_runs(EvalConfig(run_dir=run_dir, priors=",".join(PRIOR_MODES),
                                                        output_dir=out), log=lambda line: None)
         log(f"evaluated {run_dir}")
         with open(cached) as f:
@@ -279,31 +273,6 @@ def write_report(entries: Sequence[dict], run_root: str, title: str, summary_jso
         with open(paths["figure"], "wb") as f:
             f.write(figure)
     return paths
-
-
-@dataclasses.dataclass
-class ReproduceConfig:
-    """Settings of tools/reproduce.py besides the BalPoE run's own flags (each a flag)."""
-
-    methods: List[str] = config_field(["balpoe", "bs", "balpoe_no_mixup", "ce"], "Methods, trained in this "
-                                      "order.", Check(lambda v: bool(v) and each(one_of(METHODS)).ok(v),
-                                                      "a non-empty list of " + ", ".join(METHODS)))
-    seeds: List[int] = config_field([1], "Run seeds (each method is trained once per seed).",
-                                    Check(lambda v: bool(v) and each(at_least(0)).ok(v),
-                                          "a non-empty list of seeds >= 0"))
-    run_root: str = config_field("runs/reproduce", "Runs go to RUN_ROOT/seed<S>/<method>; the report to "
-                                 "RUN_ROOT/reproduce.{md,json}. --output_dir is not used.", NON_EMPTY)
-    train: bool = config_field(True, "Train (or resume) every run that has not finished; --notrain only "
-                                     "writes the report of what exists.")
-    title: str = config_field("", "Report title (default: dataset, imbalance ratio and epochs).")
-    summary_json: str = config_field("", "Also write the title and the summary rows (one per run: balanced-test "
-                                     "metrics in percent, epochs, seed, commit, wall-clock hours) to this JSON "
-                                     "file, e.g. benchmarks/reproduce_<name>.json. An existing file of the same "
-                                     "title is updated: its finished rows stay unless this report has that run "
-                                     "finished too.")
-
-    def __post_init__(self):
-        validate(self)
 
 
 def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable[[str], None] = print) -> list:

@@ -1,15 +1,14 @@
 """The settings of a training run: `RunConfig` (each field a flag of tools/train.py, so flag
-files in `configs/` set exactly these names), the baselines, and the data a config names."""
+files in `configs/` set exactly these names) and the baselines. Loads without TensorFlow."""
 
 import dataclasses
 import os
-from typing import List, Optional, Sequence
+from typing import List
 
-from balpoe_tf import models
-from balpoe_tf.precision import MIN_SPEEDUP, PRECISIONS
-from balpoe_tf import data as lt_data
+from balpoe_tf import names
 from balpoe_tf.config import (at_least, between, Check, config_field, each, either, FINITE, greater_than,
                               invalid_fields, NON_EMPTY, one_of, problem, RunError, validate)
+from balpoe_tf.precision import MIN_SPEEDUP, PRECISIONS
 
 
 # A quick run trains on at most this many batches per epoch and tests on at most this many.
@@ -46,9 +45,9 @@ class RunConfig:
     # Data.
     dataset: str = config_field("digits", "Data source: a name, or tfds:NAME for any TFDS image-classification "
                                           "dataset (e.g. tfds:imagenet_lt).",
-                                Check(lambda v: v in lt_data.DATASETS or (v.startswith(lt_data.TFDS_PREFIX)
-                                                                          and len(v) > len(lt_data.TFDS_PREFIX)),
-                                      "one of " + ", ".join(sorted(lt_data.DATASETS)) + " or tfds:NAME"))
+                                Check(lambda v: v in names.DATASETS or (v.startswith(names.TFDS_PREFIX)
+                                                                        and len(v) > len(names.TFDS_PREFIX)),
+                                      "one of " + ", ".join(sorted(names.DATASETS)) + " or tfds:NAME"))
     data_dir: str = config_field("", "TFDS data_dir holding prepared datasets (default ~/tensorflow_datasets).")
     tfds_split_train: str = config_field("train", "--dataset=tfds:NAME: the training split (slices work: "
                                                   "train[:90%]).", NON_EMPTY)
@@ -73,7 +72,7 @@ class RunConfig:
     imbalance_ratio: float = config_field(100.0, "Head/tail ratio of the long-tailed training split; "
                                            "0 keeps the source's own class counts.",
                                           either(0, at_least(1), "the source's own counts"))
-    augment: str = config_field("cifar", "Training augmentation.", one_of(lt_data.AUGMENTATIONS))
+    augment: str = config_field("cifar", "Training augmentation.", one_of(names.AUGMENTATIONS))
     mean: List[float] = config_field([], "Per-channel normalisation mean in [0, 1] (default: the source's).",
                                      each(between(0, 1)))
     std: List[float] = config_field([], "Per-channel normalisation std in [0, 1] (default: the source's).",
@@ -90,7 +89,7 @@ class RunConfig:
                                            "counts and the prior are those of the images used).",
                                    one_of(("fail", "skip")))
     # Model.
-    backbone: str = config_field("resnet32", "Backbone.", one_of(sorted(models.BACKBONES)))
+    backbone: str = config_field("resnet32", "Backbone.", one_of(sorted(names.BACKBONES)))
     num_experts: int = config_field(3, "Number of experts M.", at_least(1))
     lambdas: List[float] = config_field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).",
                                         each(FINITE))
@@ -185,37 +184,6 @@ def baseline_config(config: RunConfig, name: str) -> RunConfig:
         overrides["lambdas"] = [0.0] * config.num_experts
     return dataclasses.replace(config, output_dir=os.path.join(config.output_dir, f"baseline_{name}"),
                                compare=[], **overrides)
-
-
-def load_data(config: RunConfig, image_record: Optional[str] = None,
-              splits: Sequence[str] = ("train", "holdout", "test")) -> lt_data.LabeledData:
-    """The data a run config names, long-tailed, with its held-out split and its image files
-    checked (`data.check_image_files`).
-
-    Args:
-        config: the run settings.
-        image_record: the folder where the checked files are recorded (a resumed run or an
-            evaluation then checks only changed files); None keeps no record.
-        splits: the splits whose image files are checked.
-    """
-    if config.tfds_images:
-        if config.dataset != "list":
-            raise RunError("--tfds_images goes with --dataset=list (the lists name the images to take)")
-        lt_data.extract_from_tfds([config.train_list, config.test_list], config.data_root,
-                                  config.tfds_images, config.data_dir or None)
-    data = lt_data.load_dataset(
-        config.dataset, imbalance_ratio=config.imbalance_ratio or None, data_dir=config.data_dir or None,
-        download=config.download, data_path=config.data_path, train_list=config.train_list,
-        test_list=config.test_list, data_root=config.data_root,
-        num_classes=config.num_classes or None, image_size=config.image_size,
-        mean=config.mean or None, std=config.std or None, test_crop=config.test_crop,
-        split_train=config.tfds_split_train, split_test=config.tfds_split_test, image_key=config.tfds_image_key,
-        label_key=config.tfds_label_key, in_memory=config.tfds_in_memory)
-    if config.holdout_fraction:
-        data = lt_data.hold_out(data, config.holdout_fraction)
-    if config.quick:
-        data = lt_data.subsample(data, QUICK_BATCHES * config.batch_size, QUICK_BATCHES * test_batch_size(config))
-    return lt_data.check_image_files(data, config.bad_images, image_record, splits)
 
 
 def test_batch_size(config: RunConfig) -> int:

@@ -2,6 +2,8 @@
 docs/architecture.md."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
@@ -11,9 +13,10 @@ PACKAGE = REPO / "balpoe_tf"
 # Lowest first; a module may import only modules of its own or a lower layer (a module of
 # its own layer only when listed before it).
 LAYERS = [
-    ["config", "progress", "precision", "data"],
+    ["names", "config", "progress", "precision", "data"],
+    ["run_config", "settings"],
     ["reporting", "training", "metrics", "losses", "label_shift", "models", "preemption", "cli"],
-    ["run_config"],
+    ["run_data"],
     ["run_folder"],
     ["export", "callbacks"],
     ["experiment"],
@@ -73,3 +76,24 @@ def test_imports_point_down_the_layers():
             if _top(target) == _top(module):
                 continue  # inside a package: covered by the circle test
             assert rank[_top(target)] < rank[_top(module)], f"{module} imports {target}, which is not below it"
+
+
+def test_settings_load_without_tensorflow():
+    """Every tool's settings, with the rules and names they are checked against, in a fresh
+    interpreter: reading or checking a configuration loads neither TensorFlow nor Keras."""
+    script = ("import sys; from balpoe_tf import run_config, settings; "
+              "run_config.RunConfig(); settings.EvalConfig(run_dir='r'); settings.PredictConfig(model='m', inputs=['x']); "
+              "settings.ExportConfig(run_dir='r'); settings.ReproduceConfig(); "
+              "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_names_settings_check_against_are_those_of_the_registries():
+    from balpoe_tf import data, label_shift, models, names, run_config
+
+    assert set(models.BACKBONES) == set(names.BACKBONES)
+    assert set(data.DATASETS) == set(names.DATASETS)
+    assert {b for _, b in names.METHODS.values() if b} <= set(run_config.BASELINES)
+    assert set(label_shift.NEEDS_HOLDOUT) < set(label_shift.ESTIMATORS) == set(names.ESTIMATORS)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from balpoe_tf import cli, config, evaluation, export, run_config
+from balpoe_tf import cli, config, evaluation, export, run_config, settings
 from conftest import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,11 +60,11 @@ BAD_VALUES = [
     (run_config.RunConfig, ["--target_mean_lambda=nan"], "--target_mean_lambda=nan: must be a finite number"),
     (run_config.RunConfig, ["--dataset=imagenet"], "--dataset=imagenet: must be one of cifar10, cifar100, digits"),
     (run_config.RunConfig, ["--holdout_fraction=0.5"], "--holdout_fraction=0.5: must be in [0, 0.5)"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--prior_estimator=magic"],
+    (settings.EvalConfig, ["--run_dir=r", "--prior_estimator=magic"],
      "--prior_estimator=magic: must be one of em, map_em, bbse, ts_em, bcts_em"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--compare_estimators=em,x"],
+    (settings.EvalConfig, ["--run_dir=r", "--compare_estimators=em,x"],
      "--compare_estimators=em,x: must be empty or a comma-separated list of em, map_em"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--prior_safeguard=1"], "--prior_safeguard=1: must be in [0, 1)"),
+    (settings.EvalConfig, ["--run_dir=r", "--prior_safeguard=1"], "--prior_safeguard=1: must be in [0, 1)"),
     (run_config.RunConfig, ["--augment=mixup"], "--augment=mixup: must be one of cifar, autoaugment"),
     (run_config.RunConfig, ["--backbone=resnet18"], "--backbone=resnet18: must be one of"),
     (run_config.RunConfig, ["--schedule=linear"], "--schedule=linear: must be one of step, cosine"),
@@ -80,16 +80,16 @@ BAD_VALUES = [
     (run_config.RunConfig, ["--seed=-1"], "--seed=-1: must be >= 0"),
     (run_config.RunConfig, ["--num_classes=-1"], "--num_classes=-1: must be >= 0"),
     (run_config.RunConfig, ["--output_dir="], "--output_dir=: must be a non-empty value"),
-    (evaluation.EvalConfig, [], "--run_dir=: must be one or more run folders"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--distributions=forward50,up"], "--distributions=forward50,up: must be"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--distributions=forward0.5"], "--distributions=forward0.5: must be"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--priors=none,oracle"],
+    (settings.EvalConfig, [], "--run_dir=: must be one or more run folders"),
+    (settings.EvalConfig, ["--run_dir=r", "--distributions=forward50,up"], "--distributions=forward50,up: must be"),
+    (settings.EvalConfig, ["--run_dir=r", "--distributions=forward0.5"], "--distributions=forward0.5: must be"),
+    (settings.EvalConfig, ["--run_dir=r", "--priors=none,oracle"],
      "--priors=none,oracle: must be a comma-separated list of one of none, known, estimated"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--priors="], "--priors=: must be a comma-separated list"),
-    (evaluation.EvalConfig, ["--run_dir=r", "--batch_size=0"], "--batch_size=0: must be >= 1"),
-    (export.ExportConfig, [], "--run_dir=: must be a non-empty value"),
-    (export.ExportConfig, ["--run_dir=r", "--top_k=0"], "--top_k=0: must be >= 1"),
-    (export.ExportConfig, ["--run_dir=r", "--max_image_megapixels=0"], "--max_image_megapixels=0: must be > 0"),
+    (settings.EvalConfig, ["--run_dir=r", "--priors="], "--priors=: must be a comma-separated list"),
+    (settings.EvalConfig, ["--run_dir=r", "--batch_size=0"], "--batch_size=0: must be >= 1"),
+    (settings.ExportConfig, [], "--run_dir=: must be a non-empty value"),
+    (settings.ExportConfig, ["--run_dir=r", "--top_k=0"], "--top_k=0: must be >= 1"),
+    (settings.ExportConfig, ["--run_dir=r", "--max_image_megapixels=0"], "--max_image_megapixels=0: must be > 0"),
 ]
 
 
@@ -109,8 +109,8 @@ def test_every_bad_value_is_refused_naming_flag_value_and_range(config_class, ar
 def test_good_values_pass():
     assert _parse(run_config.RunConfig, ["--mixup_alpha=0", "--imbalance_ratio=0", "--schedule=cosine",
                                          "--milestones=500", "--momentum=0", "--nonesterov"]).mixup_alpha == 0
-    assert _parse(evaluation.EvalConfig, ["--run_dir=a,b", "--distributions=forward50,uniform"]).priors
-    assert _parse(export.ExportConfig, ["--run_dir=r"]).top_k == 5
+    assert _parse(settings.EvalConfig, ["--run_dir=a,b", "--distributions=forward50,uniform"]).priors
+    assert _parse(settings.ExportConfig, ["--run_dir=r"]).top_k == 5
     for path in sorted((REPO / "configs").glob("*.flags")):  # every shipped setting is valid
         _parse(run_config.RunConfig, [f"--flagfile={path}"])
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, label_shift, run_config
+from balpoe_tf import data as lt_data, run_data
+from balpoe_tf import evaluation, experiment, label_shift, run_config, settings
 from balpoe_tf.config import ConfigError, RunError
 
 CIFAR100_SIZES = {"forward50": 2486, "forward25": 2956, "forward10": 3876, "forward5": 4932,
@@ -135,7 +135,7 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     experiment.train(config, log=lambda line: None)
     logs = []
     capsys.readouterr()
-    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), progress_every=1e-9,
+    results = evaluation.evaluate_runs(settings.EvalConfig(run_dir=str(run), progress_every=1e-9,
                                                              compare_estimators="em,bbse"), log=logs.append)
     assert "tiny: predicting  step 2/2  " in capsys.readouterr().out
     out = run / "evaluation"
@@ -160,17 +160,17 @@ def test_evaluate_a_trained_run_end_to_end(tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(run, bare, ignore=shutil.ignore_patterns(label_shift.HOLDOUT_FILE))
     logs = []
-    results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(bare), distributions="uniform"),
+    results = evaluation.evaluate_runs(settings.EvalConfig(run_dir=str(bare), distributions="uniform"),
                                        log=logs.append)
     assert results["bare"]["uniform"]["estimated"]["estimator"] == "em"
     assert "warning: bare has no held-out split, so its estimated prior is plain EM" in logs[1]
 
     with pytest.raises(RunError, match="holds no trained model"):
-        evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(tmp_path / "nothing")))
+        evaluation.evaluate_runs(settings.EvalConfig(run_dir=str(tmp_path / "nothing")))
     with pytest.raises(ConfigError, match="--distributions=forward50,up: must be 'all' or"):
-        evaluation.EvalConfig(run_dir=str(run), distributions="forward50,up")
+        settings.EvalConfig(run_dir=str(run), distributions="forward50,up")
     with pytest.raises(ConfigError, match="--priors=none,oracle: must be a comma-separated list of one of"):
-        evaluation.EvalConfig(run_dir=str(run), priors="none,oracle")
+        settings.EvalConfig(run_dir=str(run), priors="none,oracle")
 
 
 def _image_folder(root, seed=0):
@@ -191,17 +191,17 @@ def test_evaluation_refuses_other_test_images_and_an_unwritable_output(tmp_path)
                                   image_size=8, imbalance_ratio=0, augment="none", backbone="resnet8", epochs=1,
                                   batch_size=8, warmup_epochs=0, milestones=[], export=False)
     experiment.train(config, log=lambda line: None)
-    settings = dict(run_dir=str(run), distributions="uniform", priors="none")
-    evaluation.evaluate_runs(evaluation.EvalConfig(**settings), log=lambda line: None)
+    flags = dict(run_dir=str(run), distributions="uniform", priors="none")
+    evaluation.evaluate_runs(settings.EvalConfig(**flags), log=lambda line: None)
     (tmp_path / "file").write_text("")
     with pytest.raises(RunError, match=f"--output_dir={tmp_path / 'file'}: is a file, not a folder"):
-        evaluation.evaluate_runs(evaluation.EvalConfig(**settings, output_dir=str(tmp_path / "file")))
+        evaluation.evaluate_runs(settings.EvalConfig(**flags, output_dir=str(tmp_path / "file")))
     # Another image of the same class: same class counts, other data.
     replaced = tmp_path / "images" / "test" / "c1" / "0.png"
     replaced.write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
     with pytest.raises(lt_data.DataError, match="the test data loaded now .* is not the test data .*: fingerprint "
                                                 "[0-9a-f]{16} now, [0-9a-f]{16} in its config.json"):
-        evaluation.evaluate_runs(evaluation.EvalConfig(**settings), log=lambda line: None)
+        evaluation.evaluate_runs(settings.EvalConfig(**flags), log=lambda line: None)
 
 
 @pytest.mark.slow
@@ -214,8 +214,8 @@ def test_shifted_sets_of_a_run_streamed_from_tfds(tmp_path):
                                   warmup_epochs=0, milestones=[], eval_every=1, checkpoint_every=1, export=False)
     with tfds.testing.mock_data(num_examples=300):
         experiment.train(config, log=lambda line: None)
-        data = run_config.load_data(config)
-        results = evaluation.evaluate_runs(evaluation.EvalConfig(run_dir=str(run), priors="none,known"),
+        data = run_data.load_data(config)
+        results = evaluation.evaluate_runs(settings.EvalConfig(run_dir=str(run), priors="none,known"),
                                            log=lambda line: None)
     assert data.test.stream is not None
     assert set(results["streamed"]) == set(evaluation.DISTRIBUTIONS)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from balpoe_tf import callbacks, experiment, precision, reporting, run_config, run_folder
+from balpoe_tf import callbacks, experiment, precision, reporting, run_config, run_data, run_folder
 from balpoe_tf.config import RunError
 from balpoe_tf import data as lt_data
 from conftest import mock_imagenet_lt_records, parse_config
@@ -110,7 +110,7 @@ def test_large_scale_configs_build_data_and_model(group, tmp_path):
     small = dataclasses.replace(full, dataset="list", train_list=str(tmp_path / "train.txt"),
                                 test_list=str(tmp_path / "test.txt"), data_root=str(tmp_path), num_classes=3,
                                 image_size=32)
-    data = run_config.load_data(small)
+    data = run_data.load_data(small)
     images, labels = next(iter(lt_data.train_pipeline(data, 4, 1, augment=small.augment)))
     assert images.shape == (4, 32, 32, 3) and labels.shape == (4,)
     test_images, _ = next(iter(lt_data.test_pipeline(data, 6)))
@@ -133,7 +133,7 @@ def test_imagenet_lt_from_tfds_dry_run(tmp_path):
 
 def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path, monkeypatch):
     config = parse("--flagfile=configs/demo.flags", f"--output_dir={tmp_path}")
-    data = run_config.load_data(config)
+    data = run_data.load_data(config)
     strategy = tf.distribute.get_strategy()
     assert config.precision == "auto"
     new = experiment.choose_precision(config, data, strategy, [], {"avx512f"})
@@ -555,7 +555,7 @@ def _seed_precision_cache(folder, config, replicas, speedup):
     the run `config` split over `replicas`; returns the candidates (none: nothing to measure)."""
     gpus, flags = precision.gpu_capabilities(), precision.cpu_flags()
     candidates = precision.auto_candidates(gpus, flags)
-    key = experiment.precision_model_key(config, run_config.load_data(config), replicas)
+    key = experiment.precision_model_key(config, run_data.load_data(config), replicas)
 
     def measure(make_step, candidates, images_per_step, total_steps):
         return {"rates": {"float32": 100.0, **{c: 100.0 * speedup for c in candidates}},

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from balpoe_tf import data as lt_data
+from balpoe_tf import data as lt_data, run_data
 from balpoe_tf.config import RunError
-from balpoe_tf import evaluation, experiment, export, models, precision, run_config, run_folder
+from balpoe_tf import evaluation, experiment, export, models, precision, run_config, run_folder, settings
 from image_corpus import corpus
 
 
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
                                   precision="float32")  # as the SavedModel: they must agree to 1e-4
     experiment.train(config, log=lambda line: None)
     model, record = run_folder.load_run(str(out))
-    data = run_config.load_data(config)
+    data = run_data.load_data(config)
     return out, model, record, data
 
 
@@ -166,7 +166,7 @@ def test_saved_model_cli_lists_the_signatures(run):
 
 def test_export_tool_errors(tmp_path):
     with pytest.raises(RunError, match="holds no trained model"):
-        export.export_from_config(export.ExportConfig(run_dir=str(tmp_path)))
+        export.export_from_config(settings.ExportConfig(run_dir=str(tmp_path)))
 
 
 def _untrained_run(run_dir, precision):
@@ -211,11 +211,11 @@ def test_a_run_loads_in_its_precision_and_exports_in_float32_unless_told(tmp_pat
     bf16_logits, float32_logits = (m(images, training=False)["logits"].numpy() for m in (model, as_float32))
     assert np.abs(bf16_logits - float32_logits).max() > 1e-2  # bfloat16 rounding shows at this scale
 
-    for settings, compute in (({"precision": "mixed_bfloat16"}, "bfloat16"), ({}, "float32")):
-        path = export.export_from_config(export.ExportConfig(run_dir=str(tmp_path), **settings),
+    for flags, compute in (({"precision": "mixed_bfloat16"}, "bfloat16"), ({}, "float32")):
+        path = export.export_from_config(settings.ExportConfig(run_dir=str(tmp_path), **flags),
                                          log=lambda line: None)
         with open(os.path.join(path, "assets.extra", export.METADATA_NAME)) as f:
-            assert json.load(f)["precision"] == settings.get("precision", "float32")
+            assert json.load(f)["precision"] == flags.get("precision", "float32")
         serve = tf.saved_model.load(path).signatures["predict_tensor"]
         library = serve.graph.as_graph_def().library.function
         assert {tf.as_dtype(node.attr["T"].type).name for function in library for node in function.node_def
@@ -244,14 +244,14 @@ def test_export_auto_serves_in_the_precision_measured_faster_here(tmp_path, monk
 
     monkeypatch.setattr(precision, "measure_speeds", measure)
     lines = []
-    path = export.export_from_config(export.ExportConfig(run_dir=str(tmp_path), precision="auto"), log=lines.append)
+    path = export.export_from_config(settings.ExportConfig(run_dir=str(tmp_path), precision="auto"), log=lines.append)
     assert len(measured) == 1 and [logits.shape for logits in measured[0]] == [(export.SERVING_BATCH, 10)] * 2
     assert lines[0].startswith(f"precision {chosen} (--precision=auto, measured now on this machine and model: "
                                "prediction images/s")
     with open(os.path.join(path, "assets.extra", export.METADATA_NAME)) as f:
         assert json.load(f)["precision"] == chosen
     with pytest.raises(RunError, match="holds no config.json"):
-        export.export_from_config(export.ExportConfig(run_dir=str(tmp_path / "none"), precision="auto"))
+        export.export_from_config(settings.ExportConfig(run_dir=str(tmp_path / "none"), precision="auto"))
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from balpoe_tf import data as lt_data
-from balpoe_tf import evaluation, experiment, inference, label_shift, run_config, run_folder
+from balpoe_tf import data as lt_data, run_data
+from balpoe_tf import evaluation, experiment, inference, label_shift, run_config, run_folder, settings
 from balpoe_tf.config import ConfigError, RunError
 from conftest import REPO
 from image_corpus import write_corpus
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
                                   holdout_fraction=0.2,
                                   precision="float32")  # as the SavedModel: they must agree to 1e-4
     experiment.train(config, log=lambda line: None)
-    data = run_config.load_data(config)
+    data = run_data.load_data(config)
     pixels = data.test.images[::40][:6]  # six test images
     images = root / "images" / "nested"
     images.mkdir(parents=True)
@@ -39,8 +39,8 @@ def run(tmp_path_factory):
 
 
 def _config(run, **overrides):
-    settings = dict(model=str(run[0] / "run"), inputs=[str(run[0] / "images")])
-    return inference.PredictConfig(**{**settings, **overrides})
+    flags = dict(model=str(run[0] / "run"), inputs=[str(run[0] / "images")])
+    return settings.PredictConfig(**{**flags, **overrides})
 
 
 def _probabilities(result):
@@ -96,12 +96,17 @@ def test_given_and_estimated_priors_match_the_evaluation(run):
 
 
 @pytest.mark.slow
-def test_estimate_prior_without_a_held_out_split_says_how_to_get_one(run, tmp_path):
+def test_without_a_held_out_split_plain_em_stands_in_as_in_the_evaluation(run, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(run[0] / "run", bare, ignore=shutil.ignore_patterns(label_shift.HOLDOUT_FILE))
-    with pytest.raises(RunError, match="bcts_em prior estimator needs a held-out split: train with "
-                                                  "--holdout_fraction"):
-        inference.predict_files(_config(run, model=str(bare), estimate_prior=True), log=lambda line: None)
+    lines = []
+    result = inference.predict_files(_config(run, model=str(bare), estimate_prior=True, prior_safeguard=0),
+                                     log=lines.append)
+    assert lines[0] == (f"warning: {bare} has no held-out split, so its estimated prior is plain EM (uncalibrated: "
+                        "it over-corrects a miscalibrated model); train with --holdout_fraction=0.1 for "
+                        "--prior_estimator=bcts_em")
+    raw = label_shift.em(label_shift.softmax(_model_logits(run)), np.full(10, 0.1))
+    np.testing.assert_allclose(result["prior_values"], label_shift.floor_estimate(raw, len(run[4]))[0], atol=1e-5)
 
 
 def test_parse_prior_by_hand(tmp_path):
@@ -127,7 +132,7 @@ def test_inputs_unreadable_files_and_outputs(run, tmp_path):
     listed = tmp_path / "list.txt"
     listed.write_text("mixed/nested/0.png 3\nmixed/nested/1.png\n")
     logs = []
-    result = inference.predict_files(inference.PredictConfig(
+    result = inference.predict_files(settings.PredictConfig(
         model=str(run[0] / "run"), inputs=[str(images), str(listed), run[4][2]], output=str(tmp_path / "p.csv")),
         log=logs.append)
     assert len(result["predictions"]) == 6 + 2 + 1
@@ -143,7 +148,7 @@ def test_inputs_unreadable_files_and_outputs(run, tmp_path):
     assert len(saved["predictions"]) == 6 and saved["prior_values"] is None
 
     with pytest.raises(lt_data.DataError, match=f"{images / 'empty.png'}: empty file .*--bad_images=skip"):
-        inference.predict_files(inference.PredictConfig(model=str(run[0] / "run"), inputs=[str(images)],
+        inference.predict_files(settings.PredictConfig(model=str(run[0] / "run"), inputs=[str(images)],
                                                         bad_images="fail"), log=lambda line: None)
     with pytest.raises(lt_data.DataError, match="'missing.png' does not exist"):
         inference.image_paths(["missing.png"])
@@ -183,13 +188,13 @@ def test_bad_models_and_settings(run, tmp_path):
     with pytest.raises(RunError, match="lacks assets.extra/balpoe_tf.json.*tools/export.py"):
         inference.load_classifier(str(bare))
     with pytest.raises(ConfigError, match="--save_prior=p.json: must be empty without --estimate_prior or --prior"):
-        inference.PredictConfig(model="m", inputs=["x"], save_prior="p.json")
+        settings.PredictConfig(model="m", inputs=["x"], save_prior="p.json")
     with pytest.raises(ConfigError, match="--estimate_prior=true: must be false when --prior is given"):
-        inference.PredictConfig(model="m", inputs=["x"], prior="1,2", estimate_prior=True)
+        settings.PredictConfig(model="m", inputs=["x"], prior="1,2", estimate_prior=True)
     with pytest.raises(ConfigError, match="--output=p.txt: must be empty or a file name ending in .csv or .json"):
-        inference.PredictConfig(model="m", inputs=["x"], output="p.txt")
+        settings.PredictConfig(model="m", inputs=["x"], output="p.txt")
     with pytest.raises(ConfigError, match="--inputs=: must be one or more files"):
-        inference.PredictConfig(model="m")
+        settings.PredictConfig(model="m")
 
 
 @pytest.mark.slow

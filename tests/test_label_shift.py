@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from balpoe_tf import label_shift
+from balpoe_tf import label_shift, names
 
 CENTRES = np.array([-2.0, 0.0, 2.0])
 UNIFORM = np.full(3, 1 / 3)
@@ -46,7 +46,7 @@ def test_underconfident_model_plain_em_hurts_the_uniform_set_and_calibrated_em_d
 
     no_prior = _accuracy(test_logits, test_labels, UNIFORM)
     plain = label_shift.em(label_shift.softmax(test_logits), UNIFORM)
-    default = label_shift.estimate_prior(label_shift.DEFAULT_ESTIMATOR, test_logits, UNIFORM, holdout)
+    default = label_shift.estimate_prior(names.DEFAULT_ESTIMATOR, test_logits, UNIFORM, holdout)
     assert np.abs(plain - UNIFORM).sum() > 0.3  # plain EM over-corrects the flat posteriors ...
     assert _accuracy(test_logits, test_labels, plain) < no_prior - 0.02  # ... and loses accuracy
     assert np.abs(default - UNIFORM).sum() < 0.05
@@ -103,7 +103,7 @@ def test_bbse_with_a_perfect_classifier_counts_its_predictions():
 
 
 def test_estimators_that_need_a_held_out_split_say_so():
-    for method in label_shift.NEEDS_HOLDOUT:
+    for method in names.NEEDS_HOLDOUT:
         with pytest.raises(ValueError, match="needs a held-out split: train with --holdout_fraction"):
             label_shift.estimate_prior(method, np.zeros((2, 3)), UNIFORM)
     with pytest.raises(ValueError, match="unknown prior estimator 'magic'"):

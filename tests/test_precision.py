@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from balpoe_tf import precision
+from balpoe_tf import precision, run_data
 from balpoe_tf.precision import PrecisionChoice
 
 
@@ -233,7 +233,7 @@ def test_the_real_measurement_on_a_tiny_model():
     from conftest import parse_config
 
     config = parse_config(run_config.RunConfig, "--flagfile=configs/demo.flags", "--batch_size=16")
-    data = run_config.load_data(config)
+    data = run_data.load_data(config)
     # Measured even where bfloat16 is emulated: the measurement itself is what is tested.
     result = precision.measure_speeds(experiment._measured_step(config, data, 16), ["mixed_bfloat16"], 16,
                                       total_steps=10 ** 9, rounds=2, round_seconds=0.02)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
-from balpoe_tf import experiment, reproduction, run_config, run_folder
+from balpoe_tf import experiment, reproduction, run_config, run_data, run_folder, settings
 from balpoe_tf.config import RunError
 
 
@@ -110,8 +110,8 @@ def test_reliability_figure_has_one_panel_per_finished_method():
 @pytest.mark.slow
 def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     base, root = _base(tmp_path), str(tmp_path / "root")
-    settings = reproduction.ReproduceConfig(methods=["balpoe", "bs"], seeds=[1], run_root=root, train=False)
-    reproduction.reproduce(base, settings, log=lambda line: None)
+    report_only = settings.ReproduceConfig(methods=["balpoe", "bs"], seeds=[1], run_root=root, train=False)
+    reproduction.reproduce(base, report_only, log=lambda line: None)
     text = (tmp_path / "root" / "reproduce.md").read_text()
     assert text.count("| not started |") == 2 and "No run has finished yet." in text
 
@@ -120,12 +120,12 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     experiment.train(balpoe, log=lambda line: None)
     for name in ("results.json", "model.keras", "checkpoints/epoch_0002.keras"):
         os.remove(os.path.join(balpoe.output_dir, name))
-    reproduction.reproduce(base, settings, log=lambda line: None)
+    reproduction.reproduce(base, report_only, log=lambda line: None)
     assert "| BalPoE | 1 | unfinished: epoch 1/2 |" in (tmp_path / "root" / "reproduce.md").read_text()
 
     lines = []
     summary_json = str(tmp_path / "benchmark.json")
-    entries = reproduction.reproduce(base, reproduction.ReproduceConfig(
+    entries = reproduction.reproduce(base, settings.ReproduceConfig(
         methods=["balpoe", "bs"], seeds=[1], run_root=root, summary_json=summary_json), log=lines.append)
     assert "resuming from" in "\n".join(lines) and [e["finished"] for e in entries] == [True, True]
     # BS computes in the precision --precision=auto chose for the BalPoE run started before it.
@@ -143,13 +143,13 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
         assert row["wall_clock_hours"] > 0 and row["images_per_s"] > 0 and 0 <= row["accuracy"] <= 100
     assert os.path.isfile(os.path.join(balpoe.output_dir, "evaluation", "reliability_balpoe.png"))
     reliability = entries[0]["details"]["reliability"]
-    assert sum(reliability["count"]) == len(run_config.load_data(base).test)
+    assert sum(reliability["count"]) == len(run_data.load_data(base).test)
     figure = (tmp_path / "root" / "reliability.png").read_bytes()
     assert _png_width(figure) == 2 * _png_width(reproduction.reliability_figure(entries[:1]))  # BalPoE and BS
     assert "reliability.png" in text
 
     lines = []
-    reproduction.reproduce(base, settings, log=lines.append)  # evaluations are reused
+    reproduction.reproduce(base, report_only, log=lines.append)  # evaluations are reused
     assert not any(line.startswith("evaluated") for line in lines)
     assert np.isclose(json.loads((tmp_path / "root" / "reproduce.json").read_text())["summary"][0]["accuracy"],
                       summary[0]["accuracy"])
@@ -162,5 +162,5 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
     with open(cached, "w") as f:
         json.dump(saved, f)
     lines = []
-    reproduction.reproduce(base, settings, log=lines.append)
+    reproduction.reproduce(base, report_only, log=lines.append)
     assert [line for line in lines if line.startswith("evaluated")] == [f"evaluated {balpoe.output_dir}"]

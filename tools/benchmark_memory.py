@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from balpoe_tf import data as lt_data  # noqa: E402
-from balpoe_tf import experiment, models, run_config  # noqa: E402
+from balpoe_tf import experiment, models, run_config, run_data  # noqa: E402
 
 flags.DEFINE_string("backbone", "resnet50", "Backbone.")
 flags.DEFINE_integer("num_experts", 3, "Experts.")
@@ -73,7 +73,7 @@ def main(argv):
             lambdas=list(np.linspace(1, -1, FLAGS.num_experts)) if FLAGS.num_experts > 1 else [0.0],
             batch_size=FLAGS.batch_size, epochs=100, schedule="cosine", warmup_epochs=0, mixup_alpha=0.3,
             precision=FLAGS.precision)
-        data = run_config.load_data(config)
+        data = run_data.load_data(config)
         pipeline = lt_data.train_pipeline(data, config.batch_size, config.epochs, augment=config.augment)
         start = time.perf_counter()
         for images, _ in pipeline.take(FLAGS.steps):

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from balpoe_tf import cli, experiment, precision, run_config  # noqa: E402
+from balpoe_tf import cli, experiment, precision, run_config, run_data  # noqa: E402
 from balpoe_tf import data as lt_data  # noqa: E402
 
 flags.DEFINE_list("flagfiles", ["configs/demo.flags", "configs/cifar100_ir100.flags"], "Runs to decide for.")
@@ -37,9 +37,9 @@ FLAGS = flags.FLAGS
 GENERATED = {"cifar10": (10, 5000, (32, 32, 3)), "cifar100": (100, 500, (32, 32, 3))}
 
 
-def run_data(config: run_config.RunConfig) -> lt_data.LabeledData:
+def load(config: run_config.RunConfig) -> lt_data.LabeledData:
     if config.dataset not in GENERATED:
-        return run_config.load_data(config)
+        return run_data.load_data(config)
     classes, per_class, shape = GENERATED[config.dataset]
     rng = np.random.RandomState(0)
     labels = np.repeat(np.arange(classes), per_class)
@@ -54,7 +54,7 @@ def decide(flagfile: str) -> dict:
     cli.define_flags(run_config.RunConfig, values)
     values(["tool", f"--flagfile={flagfile}"])
     config = cli.config_from_flags(run_config.RunConfig, values)
-    data = run_data(config)
+    data = load(config)
     strategy, gpus, cpu = tf.distribute.get_strategy(), precision.gpu_capabilities(), precision.cpu_flags()
     row = {"flagfile": flagfile, "data": data.name, "training_images": len(data.train), "epochs": config.epochs}
     with tempfile.TemporaryDirectory() as cache:

@@ -15,8 +15,8 @@ import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
 
 balpoe_tf.import_tensorflow_quietly()
 
-from balpoe_tf import cli, evaluation  # noqa: E402
+from balpoe_tf import cli, evaluation, settings  # noqa: E402
 
 
 if __name__ == "__main__":
-    cli.run_tool(evaluation.EvalConfig, evaluation.evaluate_runs)
+    cli.run_tool(settings.EvalConfig, evaluation.evaluate_runs)

@@ -15,8 +15,8 @@ import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
 
 balpoe_tf.import_tensorflow_quietly()
 
-from balpoe_tf import cli, export  # noqa: E402
+from balpoe_tf import cli, export, settings  # noqa: E402
 
 
 if __name__ == "__main__":
-    cli.run_tool(export.ExportConfig, export.export_from_config)
+    cli.run_tool(settings.ExportConfig, export.export_from_config)

@@ -16,8 +16,8 @@ import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
 
 balpoe_tf.import_tensorflow_quietly()
 
-from balpoe_tf import cli, inference  # noqa: E402
+from balpoe_tf import cli, inference, settings  # noqa: E402
 
 
 if __name__ == "__main__":
-    cli.run_tool(inference.PredictConfig, inference.predict_files)
+    cli.run_tool(settings.PredictConfig, inference.predict_files)

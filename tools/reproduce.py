@@ -23,8 +23,8 @@ import balpoe_tf  # noqa: E402  (TensorFlow defaults before TF loads)
 
 balpoe_tf.import_tensorflow_quietly()
 
-from balpoe_tf import cli, reproduction, run_config  # noqa: E402
+from balpoe_tf import cli, reproduction, run_config, settings  # noqa: E402
 
 
 if __name__ == "__main__":
-    cli.run_tool((run_config.RunConfig, reproduction.ReproduceConfig), reproduction.reproduce)
+    cli.run_tool((run_config.RunConfig, settings.ReproduceConfig), reproduction.reproduce)

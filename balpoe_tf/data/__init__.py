@@ -19,15 +19,16 @@ from balpoe_tf.data.dataset import (class_counts, DataError, fingerprint, Labele
 from balpoe_tf.data.longtail import (class_groups, class_prior, FEW_SHOT_MAX, hold_out, HOLDOUT_SEED,
                                      long_tailed_counts, long_tailed_indices, make_long_tailed, MANY_SHOT_MIN,
                                      PRIOR_FLOOR, SAMPLING_SEED, subsample)
-from balpoe_tf.data.images import (decode_image, decode_pixels, decodes_as_pillow, IMAGE_EXTENSIONS, image_complete,
-                                   image_file_ok, image_pixels, resize_center_crop, test_transform)
-from balpoe_tf.data.image_check import check_image_files, inspect_bytes, MAX_IMAGE_PIXELS
-from balpoe_tf.data.augment import (AUGMENTATIONS, cifar_augment, color_jitter, crop_flip_rotate, IMAGE_AUGMENTATIONS,
+from balpoe_tf.data.images import (decode_image, decode_pixels, decodes_as_pillow, image_complete, image_file_ok,
+                                   image_pixels, resize_center_crop, test_transform)
+from balpoe_tf.data.image_check import check_image_files, inspect_bytes
+from balpoe_tf.data.augment import (cifar_augment, color_jitter, crop_flip_rotate,
                                     random_resized_crop)
+from balpoe_tf.names import AUGMENTATIONS, IMAGE_AUGMENTATIONS, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, TFDS_PREFIX
 from balpoe_tf.data.sources import (CIFAR_MEAN, CIFAR_STD, DATASETS, extract_from_tfds, from_arrays, IDX_FILES,
                                     IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_digits, load_idx,
                                     load_image_folder, load_image_list, load_npz, load_tfds, NPZ_KEYS, read_idx,
-                                    read_image_list, TFDS_OPTIONS, TFDS_PREFIX)
+                                    read_image_list, TFDS_OPTIONS)
 from balpoe_tf.data.pipelines import normalizer, steps_per_epoch, test_pipeline, train_pipeline
 
 __all__ = ["class_counts", "DataError", "fingerprint", "check_image_files", "inspect_bytes",

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from balpoe_tf.data.autoaugment import autoaugment_cifar
 from balpoe_tf.data.dataset import DataError
+from balpoe_tf.names import AUGMENTATIONS, IMAGE_AUGMENTATIONS
 
 
 def random_resized_crop(image, size, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -33,7 +34,6 @@ def color_jitter(image, seed, strength=0.4):
 
 # Applied per image to full-size decoded files (ImageNet-LT / iNaturalist recipes);
 # randaugment is the long schedule's: imagenet's, then RandAugment.
-IMAGE_AUGMENTATIONS = ("imagenet", "inat", "randaugment")
 
 
 def rand_augment_layer():
@@ -112,7 +112,6 @@ def crop_flip_rotate(images, shift, mirror, degrees, rotate=True):
 # CIFAR-10 AutoAugment policy (long schedule); crop_flip; none; and for image files
 # the per-image recipes: imagenet (random resized crop, flip, colour jitter 0.4),
 # inat (random resized crop, flip) and randaugment (imagenet's, then RandAugment).
-AUGMENTATIONS = ("cifar", "autoaugment", "crop_flip", "none") + IMAGE_AUGMENTATIONS
 
 
 def augment_images(images, seed, augment: str):

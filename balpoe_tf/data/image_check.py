@@ -24,12 +24,9 @@ import numpy as np
 import tensorflow as tf
 
 from balpoe_tf import quiet_native_stderr
+from balpoe_tf.names import MAX_IMAGE_PIXELS
 from balpoe_tf.data.dataset import DataError, LabeledData, Split
 from balpoe_tf.data.images import decode_pixels, decodes_as_pillow, image_complete, image_pixels
-
-# Images above this many pixels are refused before decoding: decoding and resizing a
-# 40-megapixel image takes about 1 GB (measured: 8000 x 8000 with a centre crop, 1.5 GB).
-MAX_IMAGE_PIXELS = 40_000_000
 
 # Bump when what the check accepts changes, so that older records are checked again.
 RECORD_VERSION = 1

@@ -3,9 +3,6 @@
 import tensorflow as tf
 
 
-# Extensions an image folder is searched for; files TensorFlow does not decode (TIFF, WebP)
-# are converted with Pillow by the check (`image_check`).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def decode_pixels(contents, channels):

@@ -6,7 +6,8 @@ import numpy as np
 
 import tensorflow as tf
 
-from balpoe_tf.data.augment import (AUGMENTATIONS, IMAGE_AUGMENTATIONS, augment_images, color_jitter,
+from balpoe_tf.names import AUGMENTATIONS, IMAGE_AUGMENTATIONS
+from balpoe_tf.data.augment import (augment_images, color_jitter,
                                     rand_augment_layer, random_resized_crop)
 from balpoe_tf.data.dataset import DataError, LabeledData, Split, STREAM_SHUFFLE_BUFFER
 from balpoe_tf.data.images import decode_pixels, image_file_ok, test_transform

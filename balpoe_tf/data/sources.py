@@ -12,8 +12,8 @@ import tensorflow as tf
 from absl import logging
 
 from balpoe_tf.data.dataset import check_labels, DataError, LabeledData, Split, TfdsStream
-from balpoe_tf.data.images import IMAGE_EXTENSIONS
 from balpoe_tf.data.longtail import long_tailed_indices, make_long_tailed, SAMPLING_SEED
+from balpoe_tf.names import IMAGE_EXTENSIONS, TFDS_PREFIX
 
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -104,7 +104,6 @@ def _to_arrays(ds: tf.data.Dataset):
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
-TFDS_PREFIX = "tfds:"
 
 
 def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
