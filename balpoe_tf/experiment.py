@@ -11,7 +11,7 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from balpoe_tf import __version__, export, label_shift, losses, models, training
+from balpoe_tf import __version__, export, label_shift, losses, models, task, training
 from balpoe_tf import precision as precision_lib
 from balpoe_tf import data as lt_data
 from balpoe_tf import preemption
@@ -33,9 +33,9 @@ def make_schedule(config: RunConfig, steps_per_epoch: int):
     return training.EpochCosineSchedule(config.lr, steps_per_epoch, config.epochs, config.warmup_epochs)
 
 
-def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: int) -> models.BalPoEModel:
+def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: int) -> task.BalPoEModel:
     """A compiled BalPoE model for `config` (call inside the strategy scope)."""
-    model = models.BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
+    model = task.BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
                                input_shape=data.image_shape, sync_bn=config.sync_bn)
     optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
                                    config.nesterov, config.weight_decay)
@@ -56,7 +56,7 @@ def lr_schedule(model):
     return optimizer._learning_rate
 
 
-def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: models.BalPoEModel,
+def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.BalPoEModel,
                      steps_per_epoch: int, choice: precision_lib.PrecisionChoice) -> dict:
     """Write flags.txt (a re-runnable flag file) and config.json (settings, schedule,
     optimizer, data, how the precision was chosen); returns the config.json record."""

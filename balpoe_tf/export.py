@@ -58,7 +58,7 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
     """The serving functions of `model` (see the module docstring).
 
     Args:
-        model: a `BalPoEModel`.
+        model: a `models.BalPoENetwork` (or the `task.BalPoEModel` that extends it).
         mean, std: per-channel normalisation of the training run.
         class_names: one name per class.
         train_counts: training images per class (the prior the model was trained on).

@@ -11,7 +11,7 @@ from typing import Callable
 import keras
 
 # Imported for their Keras registrations: a saved model names its loss, optimizer and schedules.
-from balpoe_tf import losses, training  # noqa: F401
+from balpoe_tf import losses, task, training  # noqa: F401
 from balpoe_tf.config import RunError
 from balpoe_tf.models import precision_policy
 from balpoe_tf.run_config import RUN_CONTROL, RunConfig
@@ -107,7 +107,7 @@ def load_model_file(path: str, precision: str = ""):
     Args:
         path: the .keras file.
         precision: the Keras precision policy the model computes in (default: the global
-            one). A saved `BalPoEModel` does not record it: its layers take the policy in
+            one). A saved `task.BalPoEModel` does not record it: its layers take the policy in
             force when they are made.
     """
     with precision_policy(precision):

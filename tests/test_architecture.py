@@ -15,7 +15,7 @@ PACKAGE = REPO / "balpoe_tf"
 LAYERS = [
     ["names", "config", "progress", "precision", "data"],
     ["run_config", "settings"],
-    ["reporting", "training", "metrics", "losses", "label_shift", "models", "preemption", "cli"],
+    ["reporting", "training", "metrics", "losses", "label_shift", "models", "task", "preemption", "cli"],
     ["run_data"],
     ["run_folder"],
     ["export", "callbacks"],

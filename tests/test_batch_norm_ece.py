@@ -6,7 +6,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from balpoe_tf import models
+from balpoe_tf import models, task
 from balpoe_tf.training import mixup_draw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +16,7 @@ spec.loader.exec_module(bn_ece)
 
 
 def tiny_model():
-    model = models.BalPoEModel(4, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
+    model = task.BalPoEModel(4, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
     model(np.zeros((1, 8, 8, 3), np.float32))
     return model
 

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from balpoe_tf import data as lt_data, run_data
 from balpoe_tf.config import RunError
-from balpoe_tf import evaluation, experiment, export, models, precision, run_config, run_folder, settings
+from balpoe_tf import (evaluation, experiment, export, models, precision, run_config, run_folder, settings,
+                       task)
 from image_corpus import corpus
 
 
@@ -172,7 +173,7 @@ def test_export_tool_errors(tmp_path):
 def _untrained_run(run_dir, precision):
     """A run folder as tools/train.py leaves one (model.keras and config.json), untrained."""
     with models.precision_policy(precision):
-        model = models.BalPoEModel(10, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
+        model = task.BalPoEModel(10, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
     model.save(run_dir / "model.keras")
     record = {"config": {"precision": precision, "lambdas": [1.0, -1.0]},
               "data": {"mean": list(lt_data.CIFAR_MEAN), "std": list(lt_data.CIFAR_STD),
@@ -257,7 +258,7 @@ def test_export_auto_serves_in_the_precision_measured_faster_here(tmp_path, monk
 @pytest.fixture(scope="module")
 def rgb_export(tmp_path_factory):
     """An untrained 3-channel model (8 x 8 inputs) exported as a SavedModel."""
-    model = models.BalPoEModel(10, num_experts=1, backbone="resnet8", input_shape=(8, 8, 3))
+    model = task.BalPoEModel(10, num_experts=1, backbone="resnet8", input_shape=(8, 8, 3))
     path = export.export_saved_model(model, str(tmp_path_factory.mktemp("rgb")), lt_data.CIFAR_MEAN,
                                      lt_data.CIFAR_STD, [str(c) for c in range(10)], [10] * 10, 0.0)
     return tf.saved_model.load(path).signatures["serving_default"]

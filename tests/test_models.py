@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import losses, models, training
+from balpoe_tf import losses, models, task, training
 from conftest import synthetic_data
 
 
@@ -77,7 +77,7 @@ def test_synchronised_batch_norm_is_not_folded():
 
 @pytest.mark.parametrize("backbone,size", [("resnet8", 16), ("resnext50", 32)])
 def test_model_inference_equals_the_unfolded_network(backbone, size, monkeypatch):
-    model = models.BalPoEModel(5, 2, backbone, input_shape=(size, size, 3))
+    model = task.BalPoEModel(5, 2, backbone, input_shape=(size, size, 3))
     rng = np.random.RandomState(2)
     for v in model.non_trainable_variables:
         v.assign(rng.uniform(0.5, 1.5, v.shape) if "variance" in v.path else rng.uniform(-0.2, 0.2, v.shape))
@@ -142,17 +142,17 @@ def _trainable(layer):
 
 @pytest.mark.slow
 def test_resnet32_parameter_counts():
-    model = models.BalPoEModel(100, 3, "resnet32")
+    model = task.BalPoEModel(100, 3, "resnet32")
     # Shared 23.8k, each expert 446k (stage 2 88.2k, stage 3 351.5k, classifier 6.4k).
     assert _trainable(model.trunk) == 23824
     assert _trainable(model.experts[0]) == 446080
     assert _trainable(model) == 23824 + 3 * 446080  # 1.36 M
-    assert _trainable(models.BalPoEModel(100, 1, "resnet32")) == 469904  # 0.47 M
+    assert _trainable(task.BalPoEModel(100, 1, "resnet32")) == 469904  # 0.47 M
 
 
 @pytest.mark.parametrize("num_experts", [1, 2, 5])
 def test_outputs_are_mean_of_experts(num_experts):
-    model = models.BalPoEModel(7, num_experts, "resnet8", input_shape=(8, 8, 3))
+    model = task.BalPoEModel(7, num_experts, "resnet8", input_shape=(8, 8, 3))
     out = model(np.random.rand(3, 8, 8, 3).astype(np.float32))
     assert out["expert_logits"].shape == (3, num_experts, 7)
     np.testing.assert_allclose(out["logits"], np.mean(out["expert_logits"], axis=1), rtol=1e-6)
@@ -160,9 +160,9 @@ def test_outputs_are_mean_of_experts(num_experts):
 
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="num_experts must be an integer >= 1"):
-        models.BalPoEModel(10, 0, "resnet8")
+        task.BalPoEModel(10, 0, "resnet8")
     with pytest.raises(ValueError, match="unknown backbone 'resnet7'"):
-        models.BalPoEModel(10, 1, "resnet7")
+        task.BalPoEModel(10, 1, "resnet7")
     with pytest.raises(ValueError, match="depth must be 6n\\+2"):
         models.CifarResNetTrunk(depth=30)
 
@@ -180,7 +180,7 @@ def test_cosine_classifier():
 
 @pytest.mark.slow
 def test_keras_file_round_trip(tmp_path):
-    model = models.BalPoEModel(5, 2, "resnet8", scale=16.0, input_shape=(8, 8, 3))
+    model = task.BalPoEModel(5, 2, "resnet8", scale=16.0, input_shape=(8, 8, 3))
     model.compile(training.SGDWithL2(0.05), losses.LogitAdjustedLoss([9, 5, 3, 2, 1], [1, -1]), 0.4)
     x = np.random.RandomState(1).rand(4, 8, 8, 3).astype(np.float32)
     model.fit(x, np.array([0, 1, 2, 3]), epochs=1, verbose=0)
@@ -196,7 +196,7 @@ def test_keras_file_round_trip(tmp_path):
 def _compiled(num_experts=2, lr=0.1, alpha=0.0, data=None, seed=0):
     data = data or synthetic_data()
     keras.utils.set_random_seed(seed)
-    model = models.BalPoEModel(data.num_classes, num_experts, "resnet8", input_shape=data.image_shape)
+    model = task.BalPoEModel(data.num_classes, num_experts, "resnet8", input_shape=data.image_shape)
     lambdas = [1.0, -1.0][:num_experts] if num_experts == 2 else [0.0] * num_experts
     model.compile(training.SGDWithL2(lr, l2=5e-4),
                   losses.LogitAdjustedLoss(data.train_counts(), lambdas), mixup_alpha=alpha, seed=seed)
@@ -204,7 +204,7 @@ def _compiled(num_experts=2, lr=0.1, alpha=0.0, data=None, seed=0):
 
 
 def test_lambda_list_must_match_experts():
-    model = models.BalPoEModel(4, 3, "resnet8", input_shape=(8, 8, 3))
+    model = task.BalPoEModel(4, 3, "resnet8", input_shape=(8, 8, 3))
     with pytest.raises(ValueError, match="2 lambda value\\(s\\) \\[1.0, -1.0\\] for 3 experts"):
         model.compile(training.SGDWithL2(0.1), losses.LogitAdjustedLoss([1, 1, 1, 1], [1, -1]))
 
@@ -239,14 +239,14 @@ DISTRIBUTED = textwrap.dedent("""
     import keras, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from balpoe_tf import losses, models, training
+    from balpoe_tf import losses, models, task, training
 
     sync_bn = sys.argv[1] == "sync"
     counts, x = [4, 3, 2], np.random.RandomState(0).randn(8, 8, 8, 3).astype("float32")
     y = np.array([0, 1, 2, 0, 1, 2, 0, 0])
     def build():
         keras.utils.set_random_seed(1)
-        model = models.BalPoEModel(3, 2, "resnet8", input_shape=(8, 8, 3), sync_bn=sync_bn)
+        model = task.BalPoEModel(3, 2, "resnet8", input_shape=(8, 8, 3), sync_bn=sync_bn)
         model.compile(training.SGDWithL2(1.0, momentum=0.0, l2=0.0),
                       losses.LogitAdjustedLoss(counts, [1, -1]), mixup_alpha=0.0)
         return model
@@ -296,7 +296,7 @@ def test_mirrored_strategy_matches_one_device(bn):
 @pytest.mark.parametrize("backbone,without_fc", [("resnet50", 23508032), ("resnext50", 22979904)])
 def test_imagenet_backbone_parameter_counts(backbone, without_fc):
     # torchvision's resnet50 / resnext50_32x4d have these many parameters without the fc layer.
-    model = models.BalPoEModel(1000, 3, backbone, input_shape=(224, 224, 3))
+    model = task.BalPoEModel(1000, 3, backbone, input_shape=(224, 224, 3))
     trunk, expert = _trainable(model.trunk), _trainable(model.experts[0])
     assert trunk + expert - 2048 * 1000 == without_fc
     assert _trainable(model) == trunk + 3 * expert
@@ -316,7 +316,7 @@ def test_bottleneck_projection_and_groups():
 
 @pytest.mark.slow
 def test_resnext_ensemble_runs_small_images():
-    model = models.BalPoEModel(5, 2, "resnext50", input_shape=(64, 64, 3))
+    model = task.BalPoEModel(5, 2, "resnext50", input_shape=(64, 64, 3))
     out = model(np.random.rand(2, 64, 64, 3).astype(np.float32))
     assert out["expert_logits"].shape == (2, 2, 5)
 
@@ -336,7 +336,7 @@ def test_precision_policy_holds_inside_the_block_and_is_restored_after_an_error(
 def test_mixed_precision_keeps_the_loss_in_float32(policy):
     with models.precision_policy(policy):
         data = synthetic_data()
-        model = models.BalPoEModel(data.num_classes, 2, "resnet8", input_shape=data.image_shape)
+        model = task.BalPoEModel(data.num_classes, 2, "resnet8", input_shape=data.image_shape)
         optimizer = training.SGDWithL2(0.05)
         if policy == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

@@ -2,11 +2,13 @@
 file: the same outputs (layers, models, losses, metrics), values (schedules, initializers)
 or updates (the optimizer)."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
 
-from balpoe_tf import losses, metrics, models, training
+from balpoe_tf import losses, metrics, models, task, training
 
 RNG = np.random.RandomState(0)
 
@@ -29,7 +31,7 @@ LAYERS = {
     "ImageNetResNetTrunk": lambda: (models.ImageNetResNetTrunk(), _images(1, 32, 32, 3)),
     "ImageNetResNetExpert": lambda: (models.ImageNetResNetExpert(5), _images(1, 4, 4, 512)),
 }
-OTHERS = ("BalPoEModel", "LogitAdjustedLoss", "SGDWithL2", "WarmupStepSchedule", "EpochCosineSchedule",
+OTHERS = ("BalPoENetwork", "BalPoEModel", "LogitAdjustedLoss", "SGDWithL2", "WarmupStepSchedule", "EpochCosineSchedule",
           "UnitColumnUniform", "GroupAccuracy", "CalibrationError")
 
 
@@ -66,14 +68,14 @@ def test_layer_round_trips(name, tmp_path):
 
 @pytest.mark.slow
 def test_model_loss_and_optimizer_round_trip(tmp_path):
-    model = models.BalPoEModel(5, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
+    model = task.BalPoEModel(5, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
     loss = losses.LogitAdjustedLoss([40, 10, 5, 2, 1], [1.0, -1.0])
     model.compile(training.SGDWithL2(training.WarmupStepSchedule(0.1, 3, 1, [2]), l2=1e-3), loss, mixup_alpha=0.4)
     x, y = _images(6, 8, 8, 3), np.array([0, 1, 2, 3, 4, 0])
     model.fit(x, y, epochs=1, batch_size=3, verbose=0)  # optimizer state that must survive
     expected = model(x, training=False)
 
-    clone = models.BalPoEModel.from_config(model.get_config())
+    clone = task.BalPoEModel.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     np.testing.assert_array_equal(clone(x, training=False)["expert_logits"], expected["expert_logits"])
 
@@ -91,12 +93,41 @@ def test_model_loss_and_optimizer_round_trip(tmp_path):
 
 
 def test_uncompiled_model_round_trips(tmp_path):
-    model = models.BalPoEModel(5, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
+    model = task.BalPoEModel(5, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
     x = _images(2, 8, 8, 3)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     assert not loaded.compiled
     np.testing.assert_array_equal(loaded(x, training=False)["logits"], model(x, training=False)["logits"])
+
+
+def test_a_network_alone_round_trips(tmp_path):
+    network = models.BalPoENetwork(5, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
+    images = _images(2, 8, 8, 3)
+    network.save(tmp_path / "network.keras")
+    loaded = keras.saving.load_model(tmp_path / "network.keras")
+    assert type(loaded) is models.BalPoENetwork
+    np.testing.assert_allclose(loaded(images)["logits"], network(images)["logits"], atol=1e-6)
+    # The task is the network with training: its forward pass is the network's.
+    model = task.BalPoEModel.from_config(network.get_config())
+    model.set_weights(network.get_weights())
+    np.testing.assert_allclose(model(images)["expert_logits"], network(images)["expert_logits"], atol=1e-6)
+
+
+def test_a_checkpoint_written_before_the_task_split_loads():
+    """tests/fixtures/balpoe_model_before_task_split.keras was written by the code of commit b36a3cd,
+    when one class held the network and its training: 2 experts, trained 2 steps, saved compiled."""
+    from balpoe_tf import run_folder
+
+    fixtures = Path(__file__).parent / "fixtures"
+    expected = np.load(fixtures / "balpoe_model_before_task_split.npz")
+    model = run_folder.load_model_file(str(fixtures / "balpoe_model_before_task_split.keras"))
+    assert type(model) is task.BalPoEModel and model.num_experts == 2
+    out = model(expected["images"], training=False)
+    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-6)
+    np.testing.assert_allclose(out["expert_logits"], expected["expert_logits"], atol=1e-6)
+    assert int(model.optimizer.iterations) == int(expected["iterations"]) == 2  # the optimizer state too
+    assert model.balpoe_loss.lambdas == [1.0, -1.0] and model.mixup_alpha == 0.4
 
 
 def test_loss_round_trips():

@@ -103,12 +103,12 @@ def _build(name, xla, precision="float32"):
 
     import keras
 
-    from balpoe_tf import losses, models, training
+    from balpoe_tf import losses, task, training
 
     keras.mixed_precision.set_global_policy(precision)
     backbone, experts, batch, size, classes = MODELS[name]
     rng = np.random.RandomState(0)
-    model = models.BalPoEModel(classes, experts, backbone, input_shape=(size, size, 3))
+    model = task.BalPoEModel(classes, experts, backbone, input_shape=(size, size, 3))
     lambdas = list(np.linspace(1, -1, experts)) if experts > 1 else [0.0]
     model.compile(training.SGDWithL2(0.1), losses.LogitAdjustedLoss(np.arange(classes, 0, -1), lambdas),
                   mixup_alpha=0.4, jit_compile=bool(xla))

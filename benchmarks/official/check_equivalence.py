@@ -22,7 +22,7 @@ import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults first)
 import tensorflow as tf  # noqa: E402
 
 import balpoe_tf.models.balpoe as balpoe_module  # noqa: E402
-from balpoe_tf import data as lt_data, losses, metrics, models, training  # noqa: E402
+from balpoe_tf import data as lt_data, losses, metrics, models, task, training  # noqa: E402
 
 
 def keras_order(keys, num_experts):
@@ -42,7 +42,7 @@ def to_keras(value):
 def load_official(step, num_classes, num_experts=3):
     """`BalPoEModel` with the official weights; also {weight path: official key}."""
     keys = [k[len("before/"):] for k in step.files if k.startswith("before/")]
-    model = models.BalPoEModel(num_classes, num_experts=num_experts, backbone="resnet32", scale=30)
+    model = task.BalPoEModel(num_classes, num_experts=num_experts, backbone="resnet32", scale=30)
     model(np.zeros((1, 32, 32, 3), np.float32))
     order = keras_order(keys, num_experts)
     if len(order) != len(keys) or len(order) != len(model.weights):
