@@ -2,7 +2,6 @@
 and TensorBoard (scalars, reliability diagrams, HParams)."""
 
 import dataclasses
-import glob
 import math
 import os
 import time

@@ -18,6 +18,7 @@ import tensorflow as tf
 from balpoe_tf import data as lt_data
 from balpoe_tf import label_shift, models, reporting, run_config, run_folder
 from balpoe_tf import metrics as lt_metrics
+from balpoe_tf.config import RunError
 from balpoe_tf.names import (DEFAULT_ESTIMATOR, DEFAULT_SAFEGUARD_LEVEL, DISTRIBUTIONS, parse_distribution,
                              PRIOR_MODES)
 from balpoe_tf.progress import Progress

@@ -1,5 +1,6 @@
-"""A training run from start to end: strategy, data, model, resume, callbacks, final
-evaluation, calibration on the held-out split and export."""
+"""A training run from start to end: data, model, resume, callbacks, final evaluation,
+calibration on the held-out split and export (the strategy is `distribution`'s, the precision
+`run_precision`'s)."""
 
 import dataclasses
 import os
@@ -11,49 +12,16 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from balpoe_tf import __version__, export, label_shift, losses, models, task, training
-from balpoe_tf import precision as precision_lib
+from balpoe_tf import __version__, distribution, export, label_shift, models, preemption, run_precision, task
 from balpoe_tf import data as lt_data
-from balpoe_tf import preemption
+from balpoe_tf import precision as precision_lib
 from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard, ProgressLine, write_final_metrics
-from balpoe_tf.config import RunError
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
+from balpoe_tf.run_config import baseline_config, config_to_flags, quick_config, RUN_CONTROL, RunConfig, test_batch_size
 from balpoe_tf.run_data import load_data
-from balpoe_tf.run_config import (baseline_config, config_to_flags, quick_config, RUN_CONTROL, RunConfig,
-                                  STRATEGIES, test_batch_size)
 from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, config_path, describe_position,
                                   finished_results, IMAGE_RECORD, latest_checkpoint, load_latest_checkpoint,
                                   load_model_file, read_run_record, resumed_run_settings)
-
-
-def make_schedule(config: RunConfig, steps_per_epoch: int):
-    if config.schedule == "step":
-        return training.WarmupStepSchedule(config.lr, steps_per_epoch, config.warmup_epochs,
-                                           config.milestones, config.gamma)
-    return training.EpochCosineSchedule(config.lr, steps_per_epoch, config.epochs, config.warmup_epochs)
-
-
-def build_model(config: RunConfig, data: lt_data.LabeledData, steps_per_epoch: int) -> task.BalPoEModel:
-    """A compiled BalPoE model for `config` (call inside the strategy scope)."""
-    model = task.BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
-                               input_shape=data.image_shape, sync_bn=config.sync_bn)
-    optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
-                                   config.nesterov, config.weight_decay)
-    if config.precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    loss = losses.LogitAdjustedLoss(data.train_counts(), config.lambdas, config.target_mean_lambda)
-    model.compile(optimizer, loss, mixup_alpha=config.mixup_alpha, seed=config.seed,
-                  jit_compile=config.jit_compile)
-    return model
-
-
-def lr_schedule(model):
-    """The per-epoch schedule object behind the model's optimizer."""
-    optimizer = model.optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    # Keras exposes only the current LR value publicly; the schedule is `_learning_rate`.
-    return optimizer._learning_rate
 
 
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.BalPoEModel,
@@ -61,7 +29,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.B
     """Write flags.txt (a re-runnable flag file) and config.json (settings, schedule,
     optimizer, data, how the precision was chosen); returns the config.json record."""
     os.makedirs(config.output_dir, exist_ok=True)
-    schedule = lr_schedule(model)
+    schedule = task.lr_schedule(model)
     if choice.how == "resumed":  # keep the measurement the run's precision came from
         choice = read_run_record(config.output_dir).get("precision_choice", choice.to_dict())
     else:
@@ -103,92 +71,6 @@ def source_commit():
     return commit if result.returncode == 0 and commit else None
 
 
-def _measured_step(config: RunConfig, data: lt_data.LabeledData, batch: int):
-    """`precision -> step` for `precision.measure_speeds`: the run's model compiled as the
-    run compiles it, its `train_step` (mixup, losses, update, metrics) on one fixed random
-    batch of the run's shape. Traced without AutoGraph, which the step does not need: tracing,
-    most of what measuring costs on a small model, then takes 0.75 s instead of 1.9 s (ResNet-8)."""
-    rng = np.random.default_rng(0)
-    images = tf.constant(rng.standard_normal((batch, *data.image_shape), dtype=np.float32))
-    labels = tf.constant(rng.integers(0, data.num_classes, batch), tf.int32)
-
-    def make_step(name):
-        with models.precision_policy(name):
-            model = build_model(dataclasses.replace(config, precision=name), data, steps_per_epoch=1)
-        model.optimizer.build(model.trainable_variables)
-        step = tf.function(lambda: model.train_step((images, labels))["loss"], autograph=False,
-                           jit_compile=config.jit_compile)
-        return lambda: float(step())
-
-    return make_step
-
-
-def _agree_across_workers(strategy, choice: precision_lib.PrecisionChoice) -> precision_lib.PrecisionChoice:
-    """Every worker of a multi-worker run must compute in the same precision: the workers'
-    measurements are gathered and each takes `precision.slowest_worker` of them."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return choice
-    local = tf.constant([precision_lib.worker_row(choice)], tf.float64)
-    rows = strategy.gather(strategy.experimental_distribute_values_from_function(lambda _: local), axis=0)
-    return precision_lib.slowest_worker(choice, rows.numpy())
-
-
-def precision_model_key(config: RunConfig, data: lt_data.LabeledData, replicas: int) -> dict:
-    """What `--precision=auto`'s measurement depends on besides the machine."""
-    return {"backbone": config.backbone, "experts": config.num_experts, "classes": data.num_classes,
-            "image_shape": list(data.image_shape), "batch": max(1, config.batch_size // replicas),
-            "jit_compile": config.jit_compile, "replicas": replicas}
-
-
-def choose_precision(config: RunConfig, data: lt_data.LabeledData, strategy: tf.distribute.Strategy,
-                     gpus: list, flags) -> precision_lib.PrecisionChoice:
-    """The precision a run computes in: the one --precision names; for auto, the one it
-    started with when the run resumes (so that it continues the same run on another machine
-    too), else the one measured faster for this model on this machine (`precision.choose_auto`)."""
-    if config.precision != "auto":
-        return precision_lib.PrecisionChoice(config.precision, "given")
-    saved = None if config.dry_run else resumed_run_settings(config.output_dir)
-    if saved is not None:
-        return precision_lib.PrecisionChoice(saved["precision"], "resumed")
-    model_key = precision_model_key(config, data, strategy.num_replicas_in_sync)
-    batch = model_key["batch"]
-    total_steps = config.epochs * lt_data.steps_per_epoch(len(data.train), config.batch_size)
-    choice = precision_lib.choose_auto(model_key, precision_lib.auto_candidates(gpus, flags),
-                                       _measured_step(config, data, batch), batch, total_steps, gpus, flags)
-    return _agree_across_workers(strategy, choice)
-
-
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """The tf.distribute strategy named by --strategy."""
-    if name == "auto":
-        name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "none"
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise RunError("--strategy=multi_worker reads the cluster from the TF_CONFIG environment "
-                           "variable, which is not set")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "none":
-        return tf.distribute.get_strategy()
-    raise RunError(f"unknown --strategy {name!r}; choose from {STRATEGIES}")
-
-
-def _worker_config(config: RunConfig, strategy) -> RunConfig:
-    """Under MultiWorkerMirroredStrategy every worker trains and saves (saving reads
-    variables collectively), but only the chief writes to --output_dir; worker i uses
-    --output_dir/worker<i>."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
-        return config
-    chief = resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict())
-    if chief:
-        return config
-    return dataclasses.replace(config, output_dir=os.path.join(config.output_dir, f"worker{resolver.task_id}"),
-                               compare=[])
-
-
 def _hparams(config: RunConfig) -> dict:
     out = {}
     for key, value in dataclasses.asdict(config).items():
@@ -206,7 +88,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print,
         config: the run settings.
         log: where progress lines go.
         precision: the precision to compute in when --precision is auto, instead of
-            `choose_precision` (the baselines of a comparison take their run's).
+            `run_precision.choose_precision` (the baselines of a comparison take their run's).
 
     Returns:
         Final test metrics (empty for a dry run).
@@ -214,7 +96,7 @@ def train(config: RunConfig, log: Callable[[str], None] = print,
     Raises:
         preemption.Interrupted: on SIGINT or SIGTERM, once the run has saved where it is.
     """
-    strategy = make_strategy(config.strategy)  # first: collectives must precede other TF work
+    strategy = distribution.make_strategy(config.strategy)  # first: collectives must precede other TF work
     # After the strategy: a multi-worker one sets TensorFlow's own SIGTERM handler, which this replaces.
     with preemption.watching() as request:
         return _train(quick_config(config), strategy, log, precision, request)
@@ -224,7 +106,7 @@ def _train(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[s
            precision: Optional[precision_lib.PrecisionChoice], request: preemption.StopRequest) -> dict:
     """`train` with the run's strategy and stop request."""
     chief_dir = config.output_dir  # every worker resumes from the chief's newest checkpoint
-    config = _worker_config(config, strategy)
+    config = distribution.worker_config(config, strategy)
     check_writable_folder(config.output_dir, "output_dir")
     if not config.dry_run:
         check_run_folder(config)
@@ -244,7 +126,7 @@ def _train(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[s
             f"config.json): " + "; ".join(f"{path}: {reason}" for path, reason in data.left_out[:3])
             + (" ..." if len(data.left_out) > 3 else ""))
     gpus, flags = precision_lib.gpu_capabilities(), precision_lib.cpu_flags()
-    choice = precision if precision and config.precision == "auto" else choose_precision(
+    choice = precision if precision and config.precision == "auto" else run_precision.choose_precision(
         config, data, strategy, gpus, flags)
     config = dataclasses.replace(config, precision=choice.precision)
     log(choice.summary())
@@ -275,8 +157,8 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
         start, model = ((0, 0), None) if config.dry_run else load_latest_checkpoint(
             chief_dir, log, rename_unreadable=chief_dir == config.output_dir)
         if model is None:
-            model = build_model(config, data, steps)
-    schedule = lr_schedule(model)
+            model = task.build_model(config, data, steps)
+    schedule = task.lr_schedule(model)
     log(f"model {config.backbone} x {config.num_experts} experts, lambdas {config.lambdas}, "
         f"{models.count_params(model):,} parameters; {steps} steps/epoch")
 
@@ -299,7 +181,7 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
             BalPoETensorBoard(log_dir, schedule, _hparams(config)),
             DivergenceGuard(schedule, config.output_dir),  # before the checkpoint of the epoch
             Checkpoints(config.output_dir, config.checkpoint_every, config.epochs, steps, config.keep_checkpoints,
-                        config.checkpoint_every_minutes, request, start, _stop_agreement(strategy)),
+                        config.checkpoint_every_minutes, request, start, distribution.stop_agreement(strategy)),
             ProgressLine(len(data.train), config.epochs, schedule, log, steps, len(data.test),
                          lt_data.steps_per_epoch(len(data.test), test_batch), config.progress_every, first=start),
         ]
@@ -345,26 +227,6 @@ def _fit_ranges(start, epochs: int) -> list:
     ranges = [(epoch, epoch + 1, step)] if step else []
     epoch += 1 if step else 0
     return ranges + ([(epoch, epochs, 0)] if epoch < epochs else [])
-
-
-def _stop_agreement(strategy):
-    """For a multi-worker run, `signum -> signum` that every worker calls at every step: the
-    signal any worker received (0: none), so that all stop and checkpoint at the same step.
-    One small all-reduce per step, traced once."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return None
-
-    @tf.function
-    def received(signum):
-        mark = tf.one_hot(signum, 65)  # a 1 at the signal's number (0: none)
-        marks = strategy.experimental_distribute_values_from_function(lambda _: mark)
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, marks, axis=None)
-
-    def agree(signum):
-        marks = received(tf.constant(signum, tf.int32)).numpy()[1:]
-        return int(np.argmax(marks)) + 1 if marks.any() else 0
-
-    return agree
 
 
 def calibrate_on_holdout(model, data: lt_data.LabeledData, config: RunConfig, batch_size: int):

@@ -18,7 +18,6 @@ top_k_scores, top_k_names):
   prior estimated by the calibrated estimators.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import tensorflow as tf
 from balpoe_tf import data as lt_data
 from balpoe_tf import label_shift, models
 from balpoe_tf import precision as precision_lib
-from balpoe_tf.config import RunError, NON_EMPTY, at_least, config_field, greater_than, one_of, validate
+from balpoe_tf.config import RunError
 from balpoe_tf.data import PRIOR_FLOOR
 from balpoe_tf.settings import ExportConfig
 from balpoe_tf.run_folder import check_writable_folder, load_run, read_run_record

@@ -21,7 +21,7 @@ import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
 
 from balpoe_tf import evaluation, experiment, reporting, run_config, run_folder
-from balpoe_tf.config import at_least, Check, config_field, each, NON_EMPTY, one_of, RunError, validate
+from balpoe_tf.config import RunError
 from balpoe_tf.names import METHODS, PRIOR_MODES
 from balpoe_tf.settings import EvalConfig, ReproduceConfig
 from balpoe_tf.precision import PrecisionChoice

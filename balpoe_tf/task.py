@@ -1,6 +1,7 @@
 """The training task of a BalPoE network: `BalPoEModel`, the network compiled with the
 logit-adjusted losses, trained by a `train_step` that applies mixup, and evaluated with the
-long-tail metrics (in the spirit of keras-hub's Task around a Backbone).
+long-tail metrics (in the spirit of keras-hub's Task around a Backbone), and built from a run's
+settings (`build_model`).
 
 The task extends the network rather than holding it, so that a saved model keeps its
 variables where checkpoints written before the two were apart keep them (`trunk`,
@@ -9,8 +10,10 @@ variables where checkpoints written before the two were apart keep them (`trunk`
 import keras
 import tensorflow as tf
 
+from balpoe_tf import losses, training
 from balpoe_tf import metrics as lt_metrics
 from balpoe_tf.models import BalPoENetwork
+from balpoe_tf.run_config import RunConfig
 from balpoe_tf.training import mix, mixup_draw, mixup_loss
 
 
@@ -136,3 +139,35 @@ class BalPoEModel(BalPoENetwork):
         self.calibration.update_state(labels, out["logits"])
         return self._step_results([self.loss_tracker, *self.expert_accuracy, self.nll,
                                    self.groups, self.calibration])
+
+
+def make_schedule(config: RunConfig, steps_per_epoch: int):
+    """The per-epoch LR schedule of a run's settings: warm-up and steps, or cosine."""
+    if config.schedule == "step":
+        return training.WarmupStepSchedule(config.lr, steps_per_epoch, config.warmup_epochs,
+                                           config.milestones, config.gamma)
+    return training.EpochCosineSchedule(config.lr, steps_per_epoch, config.epochs, config.warmup_epochs)
+
+
+def build_model(config: RunConfig, data, steps_per_epoch: int) -> "BalPoEModel":
+    """A compiled BalPoE model for `config` and `data` (a `data.LabeledData`: classes, image
+    shape, training counts); call it inside the strategy scope."""
+    model = BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
+                        input_shape=data.image_shape, sync_bn=config.sync_bn)
+    optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
+                                   config.nesterov, config.weight_decay)
+    if config.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    loss = losses.LogitAdjustedLoss(data.train_counts(), config.lambdas, config.target_mean_lambda)
+    model.compile(optimizer, loss, mixup_alpha=config.mixup_alpha, seed=config.seed,
+                  jit_compile=config.jit_compile)
+    return model
+
+
+def lr_schedule(model):
+    """The per-epoch schedule object behind the model's optimizer."""
+    optimizer = model.optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    # Keras exposes only the current LR value publicly; the schedule is `_learning_rate`.
+    return optimizer._learning_rate

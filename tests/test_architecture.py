@@ -15,10 +15,11 @@ PACKAGE = REPO / "balpoe_tf"
 LAYERS = [
     ["names", "config", "progress", "precision", "data"],
     ["run_config", "settings"],
-    ["reporting", "training", "metrics", "losses", "label_shift", "models", "task", "preemption", "cli"],
+    ["reporting", "training", "metrics", "losses", "label_shift", "models", "task", "preemption", "distribution",
+     "cli"],
     ["run_data"],
     ["run_folder"],
-    ["export", "callbacks"],
+    ["run_precision", "export", "callbacks"],
     ["experiment"],
     ["evaluation", "inference"],
     ["reproduction"],

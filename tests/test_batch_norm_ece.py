@@ -6,7 +6,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from balpoe_tf import models, task
+from balpoe_tf import task
 from balpoe_tf.training import mixup_draw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

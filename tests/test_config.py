@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from balpoe_tf import cli, config, evaluation, export, run_config, settings
+from balpoe_tf import cli, config, run_config, settings
 from conftest import parse_config
 
 REPO = Path(__file__).resolve().parents[1]

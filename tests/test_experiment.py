@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from balpoe_tf import callbacks, experiment, precision, reporting, run_config, run_data, run_folder
+from balpoe_tf import (callbacks, distribution, experiment, precision, reporting, run_config, run_data, run_folder,
+                       run_precision, task)
 from balpoe_tf.config import RunError
 from balpoe_tf import data as lt_data
 from conftest import mock_imagenet_lt_records, parse_config
@@ -104,7 +105,7 @@ def test_large_scale_configs_build_data_and_model(group, tmp_path):
     one_per_class = lt_data.Split(np.array(["unused.jpg"] * c), np.arange(c))
     stand_in = lt_data.LabeledData("stand-in", one_per_class, one_per_class, tuple(map(str, range(c))),
                                    (224, 224, 3), lt_data.IMAGENET_MEAN, lt_data.IMAGENET_STD)
-    model = experiment.build_model(full, stand_in, steps_per_epoch=10)
+    model = task.build_model(full, stand_in, steps_per_epoch=10)
     assert model.num_classes == c and model.image_shape == (224, 224, 3)
     # The pipeline of the config on the generated JPEGs, at a small size.
     small = dataclasses.replace(full, dataset="list", train_list=str(tmp_path / "train.txt"),
@@ -136,18 +137,18 @@ def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path,
     data = run_data.load_data(config)
     strategy = tf.distribute.get_strategy()
     assert config.precision == "auto"
-    new = experiment.choose_precision(config, data, strategy, [], {"avx512f"})
+    new = run_precision.choose_precision(config, data, strategy, [], {"avx512f"})
     assert (new.precision, new.how) == ("float32", "no candidate")  # a new run
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "epoch_0001.keras").write_bytes(b"")
     (tmp_path / "config.json").write_text(json.dumps({"config": {"precision": "mixed_bfloat16"}}))
-    resumed = experiment.choose_precision(config, data, strategy, [], {"avx512f"})
+    resumed = run_precision.choose_precision(config, data, strategy, [], {"avx512f"})
     assert (resumed.precision, resumed.how) == ("mixed_bfloat16", "resumed")
     explicit = dataclasses.replace(config, precision="float32")  # check_run_folder then refuses it
-    assert experiment.choose_precision(explicit, data, strategy, [], {"avx512_bf16"}).how == "given"
+    assert run_precision.choose_precision(explicit, data, strategy, [], {"avx512_bf16"}).how == "given"
     (tmp_path / "config.json").unlink()
     with pytest.raises(RunError, match="but no config.json"):
-        experiment.choose_precision(config, data, strategy, [], {"avx512_bf16"})
+        run_precision.choose_precision(config, data, strategy, [], {"avx512_bf16"})
 
 
 def test_training_warns_of_emulated_precision(monkeypatch, tmp_path):
@@ -555,7 +556,7 @@ def _seed_precision_cache(folder, config, replicas, speedup):
     the run `config` split over `replicas`; returns the candidates (none: nothing to measure)."""
     gpus, flags = precision.gpu_capabilities(), precision.cpu_flags()
     candidates = precision.auto_candidates(gpus, flags)
-    key = experiment.precision_model_key(config, run_data.load_data(config), replicas)
+    key = run_precision.precision_model_key(config, run_data.load_data(config), replicas)
 
     def measure(make_step, candidates, images_per_step, total_steps):
         return {"rates": {"float32": 100.0, **{c: 100.0 * speedup for c in candidates}},
@@ -696,6 +697,6 @@ def test_two_workers_agree_stop_together_and_resume_exactly(tmp_path):
 def test_strategy_errors(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(RunError, match="TF_CONFIG"):
-        experiment.make_strategy("multi_worker")
+        distribution.make_strategy("multi_worker")
     with pytest.raises(RunError, match="unknown --strategy 'tpu'"):
-        experiment.make_strategy("tpu")
+        distribution.make_strategy("tpu")

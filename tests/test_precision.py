@@ -229,13 +229,13 @@ def test_workers_agree_on_the_precision_the_slowest_measured(rows, chosen):
 
 @pytest.mark.slow
 def test_the_real_measurement_on_a_tiny_model():
-    from balpoe_tf import experiment, run_config
+    from balpoe_tf import run_config, run_precision
     from conftest import parse_config
 
     config = parse_config(run_config.RunConfig, "--flagfile=configs/demo.flags", "--batch_size=16")
     data = run_data.load_data(config)
     # Measured even where bfloat16 is emulated: the measurement itself is what is tested.
-    result = precision.measure_speeds(experiment._measured_step(config, data, 16), ["mixed_bfloat16"], 16,
+    result = precision.measure_speeds(run_precision.measured_step(config, data, 16), ["mixed_bfloat16"], 16,
                                       total_steps=10 ** 9, rounds=2, round_seconds=0.02)
     assert set(result["rates"]) == {"float32", "mixed_bfloat16"} and all(r > 0 for r in result["rates"].values())
     assert result["speedups"]["mixed_bfloat16"] > 0 and 0 < result["float32_step"] < 10

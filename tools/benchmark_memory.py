@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from balpoe_tf import data as lt_data  # noqa: E402
-from balpoe_tf import experiment, models, run_config, run_data  # noqa: E402
+from balpoe_tf import models, run_config, run_data, task  # noqa: E402
 
 flags.DEFINE_string("backbone", "resnet50", "Backbone.")
 flags.DEFINE_integer("num_experts", 3, "Experts.")
@@ -82,7 +82,7 @@ def main(argv):
         result["after_pipeline_mib"] = peak_rss_mib()
 
         with models.precision_policy(FLAGS.precision):
-            model = experiment.build_model(config, data,
+            model = task.build_model(config, data,
                                            lt_data.steps_per_epoch(len(data.train), config.batch_size))
         result["precision"] = model.dtype_policy.name  # what the model computes in
         result["after_model_mib"] = peak_rss_mib()

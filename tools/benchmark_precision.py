@@ -5,7 +5,7 @@
 
 For each flag file: its run's data (CIFAR, which tests and this tool do not download, is
 replaced by generated images of CIFAR's shape with the run's long-tailed class counts), then
-`experiment.choose_precision` as `tools/train.py` calls it, timed twice: with an empty cache
+`run_precision.choose_precision` as `tools/train.py` calls it, timed twice: with an empty cache
 (the first run of this model on this machine: measuring) and again (cached). Writes JSON and a
 Markdown table beside it.
 """
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from balpoe_tf import cli, experiment, precision, run_config, run_data  # noqa: E402
+from balpoe_tf import cli, precision, run_config, run_data, run_precision  # noqa: E402
 from balpoe_tf import data as lt_data  # noqa: E402
 
 flags.DEFINE_list("flagfiles", ["configs/demo.flags", "configs/cifar100_ir100.flags"], "Runs to decide for.")
@@ -61,7 +61,7 @@ def decide(flagfile: str) -> dict:
         os.environ["BALPOE_TF_CACHE_DIR"] = cache
         for when in ("first", "cached"):
             start = time.perf_counter()
-            choice = experiment.choose_precision(config, data, strategy, gpus, cpu)
+            choice = run_precision.choose_precision(config, data, strategy, gpus, cpu)
             row[f"{when}_seconds"] = time.perf_counter() - start
             row.setdefault("choice", dataclasses.replace(choice, cache="").to_dict())
         row["cached_choice"] = choice.precision

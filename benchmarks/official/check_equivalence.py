@@ -22,7 +22,7 @@ import balpoe_tf  # noqa: E402,F401  (TensorFlow defaults first)
 import tensorflow as tf  # noqa: E402
 
 import balpoe_tf.models.balpoe as balpoe_module  # noqa: E402
-from balpoe_tf import data as lt_data, losses, metrics, models, task, training  # noqa: E402
+from balpoe_tf import data as lt_data, losses, metrics, task, training  # noqa: E402
 
 
 def keras_order(keys, num_experts):
