@@ -244,8 +244,7 @@ def accuracy_header(results_by_run: Dict[str, dict]) -> list:
 
 def accuracy_markdown(header: list, rows: list) -> list:
     """Markdown lines of an `accuracy_table` under `header` (one decimal)."""
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(r[:2] + [f"{v:.1f}" for v in r[2:]]) + " |" for r in rows])
+    return reporting.markdown_table(header, [r[:2] + [f"{v:.1f}" for v in r[2:]] for r in rows])
 
 
 def _leaf_statistics(values):
@@ -276,13 +275,15 @@ def mean_over_seeds(results: Sequence[dict]):
     return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
 
 
+# The reports of an evaluation, in its output folder.
+REPORT_FILES = {"markdown": "shifted_accuracy.md", "csv": "shifted_accuracy.csv", "json": "evaluation.json"}
+
+
 def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], output_dir: str) -> dict:
     """shifted_accuracy.{md,csv}, evaluation.json (and the Markdown of the balanced details)."""
     os.makedirs(output_dir, exist_ok=True)
     header, rows = accuracy_header(results_by_run), accuracy_table(results_by_run)
-    paths = {"markdown": os.path.join(output_dir, "shifted_accuracy.md"),
-             "csv": os.path.join(output_dir, "shifted_accuracy.csv"),
-             "json": os.path.join(output_dir, "evaluation.json")}
+    paths = {kind: os.path.join(output_dir, name) for kind, name in REPORT_FILES.items()}
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
@@ -290,25 +291,23 @@ def write_reports(results_by_run: Dict[str, dict], details: Dict[str, dict], out
     lines = ["Top-1 accuracy (%) over the samples of each test distribution.", "",
              *accuracy_markdown(header, rows)]
     lines += ["", "Balanced test set (%, NLL and Brier as they are; conf − acc is mean top-1 confidence "
-                  "minus accuracy, negative for an underconfident model).", "",
-              "| method | prior | accuracy | many | medium | few | ECE | MCE | conf − acc | NLL | Brier |",
-              "|" + "---|" * 11]
+                  "minus accuracy, negative for an underconfident model).", ""]
+    balanced = []
     for run, results in results_by_run.items():
-        if "uniform" not in results:
-            continue
-        for mode in result_modes(results):
+        for mode in result_modes(results) if "uniform" in results else ():
             if mode in results["uniform"]:
                 m = results["uniform"][mode]
-                cells = [reporting.percent(m[k]) for k in ("accuracy", "many_accuracy", "medium_accuracy",
-                                                           "few_accuracy", "ece", "mce", "overconfidence")]
-                lines.append(f"| {run} | {_title(results, mode)} | " + " | ".join(cells)
-                             + f" | {m['nll']:.3f} | {m['brier']:.3f} |")
+                balanced.append([run, _title(results, mode)] + [reporting.percent(m[k]) for k in (
+                    "accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "overconfidence")]
+                    + [f"{m['nll']:.3f}", f"{m['brier']:.3f}"])
+    lines += reporting.markdown_table(["method", "prior", "accuracy", "many", "medium", "few", "ECE", "MCE",
+                                       "conf − acc", "NLL", "Brier"], balanced)
     for run, detail in details.items():
         lines += ["", f"Experts of {run} on the balanced test set: accuracy (%) and "
-                      "KL(target prior pi^lambda || mean predicted distribution).", "",
-                  "| member | lambda | accuracy | KL |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['lambda']:g} | {100 * v['accuracy']:.1f} | {v['kl_target_to_marginal']:.4f} |"
-                  for k, v in detail["experts"].items()]
+                      "KL(target prior pi^lambda || mean predicted distribution).", ""]
+        lines += reporting.markdown_table(["member", "lambda", "accuracy", "KL"], [
+            [k, f"{v['lambda']:g}", f"{100 * v['accuracy']:.1f}", f"{v['kl_target_to_marginal']:.4f}"]
+            for k, v in detail["experts"].items()])
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(lines) + "\n")
     reporting.write_json(paths["json"], {"results": results_by_run, "details": details})
@@ -330,8 +329,8 @@ def reliability_bins(labels, logits, num_bins=lt_metrics.NUM_CALIBRATION_BINS):
 # The evaluation command.
 
 
-def _run_config(record: dict, config: EvalConfig) -> "run_config.RunConfig":
-    saved = run_config.RunConfig(**record["config"])
+def _run_config(record: run_folder.RunRecord, config: EvalConfig) -> "run_config.RunConfig":
+    saved = record.settings
     overrides = {k: getattr(config, k) for k in ("data_dir", "data_path", "data_root") if getattr(config, k)}
     return dataclasses.replace(saved, **overrides)
 
@@ -373,14 +372,14 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
     distributions = DISTRIBUTIONS if config.distributions == "all" else \
         tuple(d for d in config.distributions.split(",") if d)
     modes = tuple(m for m in config.priors.split(",") if m)
-    output_dir = config.output_dir or os.path.join(runs[0], "evaluation")
+    output_dir = config.output_dir or run_folder.RunFolder(runs[0]).evaluation
     run_folder.check_writable_folder(output_dir, "output_dir")
     results, details = {}, {}
     for run_dir in runs:
         model, record = run_folder.load_run(run_dir)
         saved_config = _run_config(record, config)
-        data = load_data(saved_config, os.path.join(run_dir, run_folder.IMAGE_RECORD), splits=("test",))
-        train_counts = record["data"]["train_counts"]
+        data = load_data(saved_config, run_folder.RunFolder(run_dir).image_record, splits=("test",))
+        train_counts = record.data.train_counts
         check_same_test_data(data, record, run_dir, model.num_classes)
         name = os.path.basename(os.path.normpath(run_dir))
         log(f"{name}: predicting {len(data.test)} test images")
@@ -391,7 +390,7 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
         mean_lambda = float(np.mean(saved_config.lambdas))
         subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
                                saved_config.data_root)
-        holdout = label_shift.load_holdout(run_dir)
+        holdout = label_shift.load_holdout(run_dir, train_counts)
         estimators = label_shift.usable_estimators(
             [config.prior_estimator] + [e for e in config.compare_estimators.split(",") if e], holdout)
         if estimators[0] != config.prior_estimator and "estimated" in modes:
@@ -410,10 +409,10 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
     return results
 
 
-def check_same_test_data(data: lt_data.LabeledData, record: dict, run_dir: str, num_classes: int):
+def check_same_test_data(data: lt_data.LabeledData, record: run_folder.RunRecord, run_dir: str, num_classes: int):
     """Refuse test data other than the run's: by the test split's fingerprint (labels and image
     bytes or pixels) where the run recorded one, by the class counts for runs from before."""
-    saved = record["data"].get("test_fingerprint")
+    saved = record.data.test_fingerprint
     now = lt_data.fingerprint(data.test)
     if data.num_classes != num_classes:
         raise lt_data.DataError(f"the data loaded now ({data.name}) has {data.num_classes} classes, {run_dir} was "
@@ -423,7 +422,7 @@ def check_same_test_data(data: lt_data.LabeledData, record: dict, run_dir: str, 
                                 f"data {run_dir} was evaluated on at training: fingerprint {now} now, {saved} in its "
                                 "config.json (labels and images are compared, not only class counts): check "
                                 "--data_path / --data_root / --data_dir")
-    if not saved and data.train_counts().tolist() != record["data"]["train_counts"]:
+    if not saved and data.train_counts().tolist() != record.data.train_counts:
         raise lt_data.DataError(f"the data loaded now ({data.name}, {data.num_classes} classes) is not the data "
                                 f"{run_dir} was trained on: check the data flags")
 
@@ -434,7 +433,7 @@ def _write_diagrams(bins, run_dir: str, output_dir: str, name: str):
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"reliability_{name}.png"), "wb") as f:
         f.write(png)
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard", "evaluation"))
+    writer = tf.summary.create_file_writer(os.path.join(run_folder.RunFolder(run_dir).tensorboard, "evaluation"))
     with writer.as_default(step=0):
         tf.summary.image("reliability_diagram/balanced_test", tf.image.decode_png(png)[None])
     writer.flush()

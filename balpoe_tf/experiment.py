@@ -19,42 +19,38 @@ from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard,
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
 from balpoe_tf.run_config import baseline_config, config_to_flags, quick_config, RUN_CONTROL, RunConfig, test_batch_size
 from balpoe_tf.run_data import load_data
-from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, config_path, describe_position,
-                                  finished_results, IMAGE_RECORD, latest_checkpoint, load_latest_checkpoint,
-                                  load_model_file, read_run_record, resumed_run_settings)
+from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, DataRecord, describe_position,
+                                  finished_results, latest_checkpoint, load_latest_checkpoint, load_model_file,
+                                  read_record, resumed_run_settings, RunFolder, RunRecord)
 
 
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.BalPoEModel,
-                     steps_per_epoch: int, choice: precision_lib.PrecisionChoice) -> dict:
-    """Write flags.txt (a re-runnable flag file) and config.json (settings, schedule,
-    optimizer, data, how the precision was chosen); returns the config.json record."""
-    os.makedirs(config.output_dir, exist_ok=True)
+                     steps_per_epoch: int, choice: precision_lib.PrecisionChoice) -> RunRecord:
+    """Write flags.txt (a re-runnable flag file) and config.json (`RunRecord`: settings, data,
+    how the precision was chosen, schedule, optimizer, model); returns the record."""
+    folder = RunFolder(config.output_dir)
+    os.makedirs(folder.path, exist_ok=True)
     schedule = task.lr_schedule(model)
-    if choice.how == "resumed":  # keep the measurement the run's precision came from
-        choice = read_run_record(config.output_dir).get("precision_choice", choice.to_dict())
-    else:
-        choice = choice.to_dict()
-    record = {
-        "config": dataclasses.asdict(config),
-        "data": {"name": data.name, "num_classes": data.num_classes, "train_size": len(data.train),
-                 "holdout_size": 0 if data.holdout is None else len(data.holdout),
-                 "test_size": len(data.test), "train_counts": data.train_counts().tolist(),
-                 "class_names": list(data.class_names), "mean": list(data.mean), "std": list(data.std),
-                 "test_crop": data.test_crop,
-                 "image_shape": list(data.image_shape),
-                 "train_fingerprint": lt_data.fingerprint(data.train),
-                 "test_fingerprint": lt_data.fingerprint(data.test),
-                 "left_out": [{"path": path, "reason": reason} for path, reason in data.left_out]},
-        "precision_choice": choice,
-        "steps_per_epoch": steps_per_epoch,
-        "lr_by_epoch": [float(schedule.epoch_lr(e)) for e in range(config.epochs)],
-        "optimizer": keras.saving.serialize_keras_object(model.optimizer),
-        "model": model.get_config(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                     "balpoe_tf": __version__, "commit": source_commit()},
-    }
-    write_json(config_path(config.output_dir), record, default=str)
-    with open(os.path.join(config.output_dir, "flags.txt"), "w") as f:
+    saved = read_record(folder.path) if choice.how == "resumed" else None
+    record = RunRecord(
+        config=dataclasses.asdict(config),
+        data=DataRecord(
+            name=data.name, num_classes=data.num_classes, train_size=len(data.train), test_size=len(data.test),
+            holdout_size=0 if data.holdout is None else len(data.holdout), train_counts=data.train_counts().tolist(),
+            class_names=list(data.class_names), mean=list(data.mean), std=list(data.std), test_crop=data.test_crop,
+            image_shape=list(data.image_shape), train_fingerprint=lt_data.fingerprint(data.train),
+            test_fingerprint=lt_data.fingerprint(data.test),
+            left_out=[{"path": path, "reason": reason} for path, reason in data.left_out]),
+        # A resumed run keeps the measurement its precision came from.
+        precision_choice=saved.precision_choice if saved and saved.precision_choice else choice.to_dict(),
+        steps_per_epoch=steps_per_epoch,
+        lr_by_epoch=[float(schedule.epoch_lr(e)) for e in range(config.epochs)],
+        optimizer=keras.saving.serialize_keras_object(model.optimizer),
+        model=model.get_config(),
+        versions={"tensorflow": tf.__version__, "keras": keras.__version__, "balpoe_tf": __version__,
+                  "commit": source_commit()})
+    write_json(folder.config, record.to_dict(), default=str)
+    with open(folder.flags, "w") as f:
         f.write(config_to_flags(config))
     return record
 
@@ -118,7 +114,7 @@ def _train(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[s
             return finished
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    data = load_data(config, None if config.dry_run else os.path.join(config.output_dir, IMAGE_RECORD))
+    data = load_data(config, None if config.dry_run else RunFolder(config.output_dir).image_record)
     log(f"data {data.name}: {len(data.train)} training images in {data.num_classes} classes "
         f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
     if data.left_out:
@@ -152,6 +148,7 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
                         log: Callable[[str], None]) -> dict:
     """`train` once the data is loaded and the run's precision is chosen and in force."""
     keras.utils.set_random_seed(config.seed)  # after the precision measurement, which draws numbers too
+    folder = RunFolder(config.output_dir)
     steps = lt_data.steps_per_epoch(len(data.train), config.batch_size)
     with strategy.scope():
         start, model = ((0, 0), None) if config.dry_run else load_latest_checkpoint(
@@ -175,7 +172,7 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
     record = write_run_record(config, data, model, steps, choice)
     results = {}
     if start < (config.epochs, 0):
-        log_dir = os.path.join(config.output_dir, "tensorboard")
+        log_dir = folder.tensorboard
         callbacks = [
             keras.callbacks.TensorBoard(log_dir, write_graph=False),
             BalPoETensorBoard(log_dir, schedule, _hparams(config)),
@@ -195,15 +192,15 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
     if not results:
         results = model.evaluate(test_ds, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
-    write_final_metrics(os.path.join(config.output_dir, "tensorboard"), results, config.epochs)
+    write_final_metrics(folder.tensorboard, results, config.epochs)
     cal = model.calibration
-    with open(os.path.join(config.output_dir, "reliability_diagram.png"), "wb") as f:
+    with open(folder.reliability, "wb") as f:
         f.write(reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),
                                         data.name))
-    model_path = os.path.join(config.output_dir, "model.keras")
+    model_path = folder.model
     model.save(model_path)
-    write_json(os.path.join(config.output_dir, "results.json"), {"epochs": config.epochs, "test": results})
-    log(f"done: {config.output_dir}/model.keras, results.json")
+    write_json(folder.results, {"epochs": config.epochs, "test": results})
+    log(f"done: {model_path}, {folder.results}")
     calibration = None
     if data.holdout is not None:
         calibration = calibrate_on_holdout(model, data, config, test_batch).calibration
@@ -214,7 +211,7 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
         # A SavedModel is served on other machines, where bfloat16 may be emulated: it computes in
         # float32 unless tools/export.py --precision says otherwise.
         served = model if config.precision == "float32" else load_model_file(model_path, "float32")
-        path = export.export_run(served, record, os.path.join(config.output_dir, "export"), calibration=calibration)
+        path = export.export_run(served, record, folder.export, calibration=calibration)
         log(f"SavedModel for TF Serving: {path} (computes in float32)")
     return results
 
@@ -262,10 +259,10 @@ def train_with_baselines(config: RunConfig, log: Callable[[str], None] = print) 
         # The methods of one comparison compute alike: a new baseline takes the precision auto
         # chose for the run it is compared with (a resumed one keeps its own).
         same = None if resumed_run_settings(baseline.output_dir) else precision_lib.PrecisionChoice(
-            read_run_record(config.output_dir)["config"]["precision"], "compared")
+            read_record(config.output_dir).settings.precision, "compared")
         rows[name] = train(baseline, log, same)
     table = format_table(rows)
-    with open(os.path.join(config.output_dir, "results.md"), "w") as f:
+    with open(RunFolder(config.output_dir).results_table, "w") as f:
         f.write(f"Balanced test set of {config.dataset}, IR {config.imbalance_ratio:g}, "
                 f"{config.epochs} epochs (% except NLL)\n\n{table}\n")
     log(table)

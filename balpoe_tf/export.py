@@ -33,7 +33,7 @@ from balpoe_tf import precision as precision_lib
 from balpoe_tf.config import RunError
 from balpoe_tf.data import PRIOR_FLOOR
 from balpoe_tf.settings import ExportConfig
-from balpoe_tf.run_folder import check_writable_folder, load_run, read_run_record
+from balpoe_tf.run_folder import check_writable_folder, load_run, read_record, RunFolder, RunRecord
 
 # Classes and training prior of an export, in its assets.extra folder.
 METADATA_NAME = "balpoe_tf.json"
@@ -185,14 +185,12 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
     return path
 
 
-def export_run(model, record: dict, export_dir: str, top_k: int = 5,
+def export_run(model, record: RunRecord, export_dir: str, top_k: int = 5,
                max_pixels: int = lt_data.MAX_IMAGE_PIXELS, calibration=None) -> str:
-    """Export a run from its model and run record (config.json of tools/train.py)."""
-    data = record["data"]
-    return export_saved_model(model, export_dir, data["mean"], data["std"], data["class_names"],
-                              data["train_counts"], float(np.mean(record["config"]["lambdas"])), top_k,
-                              data.get("test_crop", 0.0), max_pixels, calibration)
-
+    """Export a run from its model and its `RunRecord`."""
+    data = record.data
+    return export_saved_model(model, export_dir, data.mean, data.std, data.class_names, data.train_counts,
+                              record.mean_lambda, top_k, data.test_crop, max_pixels, calibration)
 
 
 # Images per measured prediction of tools/export.py --precision=auto.
@@ -204,25 +202,25 @@ def serving_precision(run_dir: str) -> precision_lib.PrecisionChoice:
     mixed precision this hardware computes natively measured `precision.MIN_SPEEDUP` times as
     fast at prediction (cached as training's choice is)."""
     gpus, flags = precision_lib.gpu_capabilities(), precision_lib.cpu_flags()
-    record = read_run_record(run_dir)
-    if not record:
+    record = read_record(run_dir)
+    if record is None:
         raise RunError(f"{run_dir} holds no config.json: pass the --output_dir of a tools/train.py run")
-    shape = record["data"]["image_shape"]
+    shape = record.data.image_shape
     images = tf.random.stateless_normal([SERVING_BATCH, *shape], seed=[0, 0])
 
     def make_step(name):
         forward = models.forward_function(load_run(run_dir, name)[0])
         return lambda: forward(images)["logits"].numpy()
 
-    saved = record["config"]
+    saved = record.config
     model_key = {"task": "prediction", "backbone": saved["backbone"], "experts": saved["num_experts"],
-                 "classes": record["data"]["num_classes"], "image_shape": shape, "batch": SERVING_BATCH}
+                 "classes": record.data.num_classes, "image_shape": shape, "batch": SERVING_BATCH}
     return precision_lib.choose_auto(model_key, precision_lib.auto_candidates(gpus, flags), make_step,
                                      SERVING_BATCH, math.inf, gpus, flags)
 
 
 def export_from_config(config: ExportConfig, log=print) -> str:
-    export_dir = config.export_dir or os.path.join(config.run_dir, "export")
+    export_dir = config.export_dir or RunFolder(config.run_dir).export
     check_writable_folder(export_dir, "export_dir")
     precision = config.precision
     if precision == "auto":
@@ -230,7 +228,7 @@ def export_from_config(config: ExportConfig, log=print) -> str:
         log(choice.summary())
         precision = choice.precision
     model, record = load_run(config.run_dir, precision)
-    holdout = label_shift.load_holdout(config.run_dir)
+    holdout = label_shift.load_holdout(config.run_dir, record.data.train_counts)
     path = export_run(model, record, export_dir, config.top_k,
                       int(config.max_image_megapixels * 1e6), None if holdout is None else holdout.calibration)
     log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)}; computes in "

@@ -57,28 +57,27 @@ def load_classifier(path: str) -> Classifier:
     if os.path.isfile(path):
         folder = os.path.dirname(os.path.abspath(path))
         if path.endswith(".keras"):  # RUN/model.keras, or RUN/checkpoints/epoch_N.keras
-            folder = folder if os.path.isfile(os.path.join(folder, "config.json")) else os.path.dirname(folder)
-        if not (os.path.isfile(os.path.join(folder, "config.json"))
+            folder = folder if os.path.isfile(run_folder.RunFolder(folder).config) else os.path.dirname(folder)
+        if not (os.path.isfile(run_folder.RunFolder(folder).config)
                 or os.path.isfile(os.path.join(folder, "saved_model.pb"))):
             raise RunError(f"--model {path!r} is a file outside a run folder or SavedModel: --model takes a run "
                            "folder of tools/train.py (holding config.json and model.keras) or a SavedModel folder")
         path = folder
     if not os.path.isdir(path):
         raise RunError(f"--model {path!r} does not exist: pass a run folder or an exported SavedModel")
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(run_folder.RunFolder(path).config):
         model, record = run_folder.load_run(path)
-        data = record["data"]
-        shape, normalize = tuple(model.image_shape), lt_data.normalizer(data["mean"], data["std"])
-        mean_lambda = float(np.mean(record["config"]["lambdas"]))
-        bias = label_shift.trained_log_prior(data["train_counts"], mean_lambda)
+        data = record.data
+        shape, normalize = tuple(model.image_shape), lt_data.normalizer(data.mean, data.std)
+        bias = label_shift.trained_log_prior(data.train_counts, record.mean_lambda)
         forward = models.forward_function(model)
 
         def balanced(contents):
-            images = tf.stack([lt_data.test_transform(c, shape, data.get("test_crop", 0.0)) for c in contents])
+            images = tf.stack([lt_data.test_transform(c, shape, data.test_crop) for c in contents])
             return forward(normalize(images))["logits"].numpy().astype(np.float64) - bias
 
-        return Classifier(list(data["class_names"]), shape, data["train_counts"], mean_lambda, balanced, path,
-                          holdout=label_shift.load_holdout(path))
+        return Classifier(list(data.class_names), shape, data.train_counts, record.mean_lambda, balanced, path,
+                          holdout=label_shift.load_holdout(path, data.train_counts))
     saved = _saved_model_dir(path)
     if saved is None:
         raise RunError(f"{path} is neither a run folder (config.json) nor a SavedModel "

@@ -332,12 +332,11 @@ def save_holdout(run_dir: str, labels, balanced_logits, train_counts) -> Holdout
     return holdout
 
 
-def load_holdout(run_dir: str) -> Optional[Holdout]:
+def load_holdout(run_dir: str, train_counts) -> Optional[Holdout]:
     """The held-out predictions of a run trained with --holdout_fraction (None without), with
-    the calibrations recorded in its calibration.json; refitted (with the training counts of
-    its config.json) only when that record is missing or was fitted another way (an earlier
-    version re-weighted the held-out images), since fitting on an iNaturalist-sized split
-    takes a while."""
+    the calibrations recorded in its calibration.json; refitted (with the run's `train_counts`)
+    only when that record is missing or was fitted another way (an earlier version re-weighted
+    the held-out images), since fitting on an iNaturalist-sized split takes a while."""
     path = os.path.join(run_dir, HOLDOUT_FILE)
     if not os.path.isfile(path):
         return None
@@ -351,6 +350,4 @@ def load_holdout(run_dir: str) -> Optional[Holdout]:
     if record.get("fit") == CALIBRATION_FIT:
         return Holdout(labels, balanced_logits, Calibration.from_dict(record["bcts"]),
                        Calibration.from_dict(record["temperature_scaling"]))
-    with open(os.path.join(run_dir, "config.json")) as f:
-        train_counts = json.load(f)["data"]["train_counts"]
     return Holdout.fit(labels, balanced_logits, class_prior(train_counts))

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 
 import numpy as np
 
@@ -26,6 +27,19 @@ def write_json(path: str, value, **kwargs):
     """Write `value` to `path` as standard JSON (NaN as null); kwargs go to json.dump."""
     with open(path, "w") as f:
         json.dump(strict_json(value), f, indent=1, allow_nan=False, **kwargs)
+
+
+def write_benchmark(path: str, result: dict, lines) -> str:
+    """A benchmark's JSON at `path` and its Markdown `lines` beside it (`.md`), both printed
+    or named; returns the Markdown's path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, result)
+    markdown = os.path.splitext(path)[0] + ".md"
+    with open(markdown, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path} and {markdown}")
+    return markdown
 
 
 def reliability_diagram_png(count, confidence, hits, title="") -> bytes:
@@ -74,15 +88,18 @@ def percent(value) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
+def markdown_table(header, rows) -> list:
+    """The lines of a Markdown table: the header, the rule, one line per row (cells as given):
+    every table the package writes."""
+    return (["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def format_table(rows: dict, columns=RESULT_COLUMNS) -> str:
     """A Markdown table of runs (rows) by metrics (columns, in %; NLL as is)."""
-    head = "| run | " + " | ".join(c.replace("_accuracy", "") for c in columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 1)]
-    for name, metrics in rows.items():
-        cells = []
-        for c in columns:
-            value = metrics.get(c, float("nan"))
-            cells.append(f"{value:.3f}" if c == "nll" and value is not None and not math.isnan(value)
-                         else percent(value))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def cell(column, value):
+        return f"{value:.3f}" if column == "nll" and value is not None and not math.isnan(value) else percent(value)
+
+    return "\n".join(markdown_table(["run"] + [c.replace("_accuracy", "") for c in columns],
+                                     [[name] + [cell(c, metrics.get(c, float("nan"))) for c in columns]
+                                      for name, metrics in rows.items()]))

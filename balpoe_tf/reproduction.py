@@ -42,7 +42,7 @@ def method_config(base: run_config.RunConfig, method: str, seed: int, run_root: 
 
 def run_status(config: run_config.RunConfig) -> dict:
     """`{"finished": bool, "epoch": epochs done}` of a run folder."""
-    finished = os.path.isfile(os.path.join(config.output_dir, "results.json"))
+    finished = os.path.isfile(run_folder.RunFolder(config.output_dir).results)
     epoch = config.epochs if finished else run_folder.latest_checkpoint(config.output_dir)[0][0]
     return {"finished": finished, "epoch": epoch, "epochs": config.epochs}
 
@@ -53,7 +53,7 @@ def training_time(run_dir: str) -> dict:
     first event is written when training starts and which gets one `epoch_loss` per epoch,
     so a resumed run's downtime is not counted."""
     seconds, epochs = 0.0, 0
-    for path in glob.glob(os.path.join(run_dir, "tensorboard", "train", "events.*")):
+    for path in glob.glob(os.path.join(run_folder.RunFolder(run_dir).tensorboard, "train", "events.*")):
         start, ends = None, []
         for record in tf.data.TFRecordDataset(path):
             event = event_pb2.Event.FromString(record.numpy())
@@ -71,10 +71,10 @@ def evaluate_run(run_dir: str, log: Callable[[str], None] = print) -> dict:
     """Results and details of `evaluation.evaluate_runs` for one finished run, kept in
     RUN/evaluation/evaluation.json and reused while it is newer than the model (and has the
     reliability bins, which older evaluations lack)."""
-    out = os.path.join(run_dir, "evaluation")
-    cached = os.path.join(out, "evaluation.json")
+    out = run_folder.RunFolder(run_dir).evaluation
+    cached = os.path.join(out, evaluation.REPORT_FILES["json"])
     name = os.path.basename(os.path.normpath(run_dir))
-    model = os.path.join(run_dir, "model.keras")
+    model = run_folder.RunFolder(run_dir).model
     saved = None
     if os.path.isfile(cached) and os.path.getmtime(cached) > os.path.getmtime(model):
         with open(cached) as f:
@@ -98,11 +98,10 @@ def collect(base: run_config.RunConfig, methods: Sequence[str], seeds: Sequence[
             config = method_config(base, method, seed, run_root)
             entry = {"method": method, "seed": seed, "run_dir": config.output_dir, **run_status(config)}
             if entry["finished"]:
-                with open(os.path.join(config.output_dir, "config.json")) as f:
-                    record = json.load(f)
+                record = run_folder.read_record(config.output_dir)
                 entry.update(evaluate_run(config.output_dir, log))
-                entry["commit"] = record["versions"].get("commit")
-                entry["train_size"] = record["data"]["train_size"]
+                entry["commit"] = record.versions.get("commit")
+                entry["train_size"] = record.data.train_size
                 entry["time"] = training_time(config.output_dir)
             entries.append(entry)
     return entries
@@ -171,9 +170,8 @@ def report(entries: Sequence[dict], title: str) -> List[str]:
     finished seeds, orderings, shifted test sets (mean over seeds, three priors) and the
     experts with the prior/KL diagnostic."""
     lines = [f"## {title}", "", "Balanced test set (%, NLL as is). Wall time is training with its periodic "
-             "evaluations; images/s is training images x epochs / wall time.", "",
-             "| method | seed | status | accuracy | many | medium | few | ECE | MCE | NLL | conf − acc | hours | "
-             "images/s | commit |", "|" + "---|" * 14]
+             "evaluations; images/s is training images x epochs / wall time.", ""]
+    rows = []
     for e in entries:
         status = "finished" if e["finished"] else (f"unfinished: epoch {e['epoch']}/{e['epochs']}" if e["epoch"]
                                                    else "not started")
@@ -184,7 +182,9 @@ def report(entries: Sequence[dict], title: str) -> List[str]:
                       f"{row['wall_clock_hours']:.2f}", f"{row['images_per_s']:.0f}", str(e["commit"])[:10]]
         else:
             cells += [""] * 11
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines += reporting.markdown_table(["method", "seed", "status", "accuracy", "many", "medium", "few", "ECE", "MCE",
+                                       "NLL", "conf − acc", "hours", "images/s", "commit"], rows)
 
     finished: Dict[str, list] = {}
     for e in entries:
@@ -193,13 +193,15 @@ def report(entries: Sequence[dict], title: str) -> List[str]:
     if not finished:
         return lines + ["", "No run has finished yet."]
     if any(len(runs) > 1 for runs in finished.values()):
-        lines += ["", "Mean ± standard deviation over the finished seeds.", "",
-                  "| method | seeds | accuracy | many | medium | few | ECE | MCE |", "|" + "---|" * 8]
+        rows = []
         for method, runs in finished.items():
             mean, std = evaluation.mean_over_seeds([_balanced(e) for e in runs])
-            cells = [f"{_pct(mean[k])} ± {100 * std[k]:.1f}" if not np.isnan(std[k]) else _pct(mean[k])
-                     for k in SUMMARY_METRICS[:-1]]
-            lines.append(f"| {METHODS[method][0]} | {len(runs)} | " + " | ".join(cells) + " |")
+            rows.append([METHODS[method][0], len(runs)] + [
+                f"{_pct(mean[k])} ± {100 * std[k]:.1f}" if not np.isnan(std[k]) else _pct(mean[k])
+                for k in SUMMARY_METRICS[:-1]])
+        lines += ["", "Mean ± standard deviation over the finished seeds.", "",
+                  *reporting.markdown_table(["method", "seeds", "accuracy", "many", "medium", "few", "ECE", "MCE"],
+                                            rows)]
     lines += ["", *orderings(entries), "",
               "Accuracy (%) on the shifted test sets, mean over the finished seeds: no prior, the known test prior, "
               "and the prior estimated from the unlabeled test set (estimator in brackets).", ""]
@@ -208,12 +210,11 @@ def report(entries: Sequence[dict], title: str) -> List[str]:
     lines += evaluation.accuracy_markdown(evaluation.accuracy_header(mean_results),
                                           evaluation.accuracy_table(mean_results))
     lines += ["", "Experts on the balanced test set (first finished seed): accuracy (%) and "
-                  "KL(target prior pi^lambda || mean predicted distribution).", "",
-              "| method | member | lambda | accuracy | KL |", "|---|---|---|---|---|"]
-    for method, runs in finished.items():
-        for member, v in runs[0]["details"]["experts"].items():
-            lines.append(f"| {METHODS[method][0]} | {member} | {v['lambda']:g} | {100 * v['accuracy']:.1f} | "
-                         f"{v['kl_target_to_marginal']:.4f} |")
+                  "KL(target prior pi^lambda || mean predicted distribution).", ""]
+    lines += reporting.markdown_table(["method", "member", "lambda", "accuracy", "KL"], [
+        [METHODS[method][0], member, f"{v['lambda']:g}", f"{100 * v['accuracy']:.1f}",
+         f"{v['kl_target_to_marginal']:.4f}"]
+        for method, runs in finished.items() for member, v in runs[0]["details"]["experts"].items()])
     return lines + ["", "Reliability diagrams on the balanced test set, first finished seed of each method: "
                         "reliability.png beside this report."]
 
@@ -284,8 +285,8 @@ def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable
                 for method in config.methods]
         # With --precision=auto every run of the comparison computes in the precision the first
         # one to start chose (a run that has started keeps its own).
-        started = [run_folder.read_run_record(run.output_dir).get("config", {}).get("precision")
-                   for _, _, run in runs]
+        records = [run_folder.read_record(run.output_dir) for _, _, run in runs]
+        started = [record.settings.precision for record in records if record]
         shared = next((p for p in started if p), None)
         for method, seed, run in runs:
             if run_status(run)["finished"]:
@@ -294,7 +295,7 @@ def reproduce(base: run_config.RunConfig, config: ReproduceConfig, log: Callable
             same = None if shared is None or run_folder.resumed_run_settings(run.output_dir) else \
                 PrecisionChoice(shared, "compared")
             experiment.train(run, log, same)
-            shared = shared or run_folder.read_run_record(run.output_dir)["config"]["precision"]
+            shared = shared or run_folder.read_record(run.output_dir).settings.precision
     entries = collect(base, config.methods, config.seeds, config.run_root, log)
     source = f"{base.dataset} {os.path.basename(os.path.normpath(base.data_path))}" if base.data_path else base.dataset
     title = config.title or f"{source}, IR {base.imbalance_ratio:g}, {base.epochs} epochs"

@@ -1,12 +1,15 @@
-"""A run's folder: its record, checkpoints (atomic, with fallback past an unreadable one)
-and the checks that a resumed run is the same run."""
+"""A run's folder, its one owner: the names of its files (`RunFolder`), its record
+(`RunRecord`, config.json), checkpoints (atomic, with fallback past an unreadable one) and the
+checks that a resumed run is the same run."""
 
 import dataclasses
 import glob
 import json
 import os
 import re
-from typing import Callable
+from typing import Callable, List, Optional
+
+import numpy as np
 
 import keras
 
@@ -17,10 +20,102 @@ from balpoe_tf.models import precision_policy
 from balpoe_tf.run_config import RUN_CONTROL, RunConfig
 
 
-CHECKPOINT_FOLDER = "checkpoints"
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    """The files of a run folder that tools/train.py writes: the one place their names are spelled
+    (but for the held-out predictions, which `label_shift` names).
 
-# The run folder's record of checked image files (`data.check_image_files`).
-IMAGE_RECORD = "image_check"
+    Attributes:
+        path: the folder (--output_dir).
+    """
+
+    path: str
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    config = property(lambda self: self._file("config.json"))  # `RunRecord`
+    flags = property(lambda self: self._file("flags.txt"))  # every setting, a flag file
+    results = property(lambda self: self._file("results.json"))  # the final balanced-test metrics
+    model = property(lambda self: self._file("model.keras"))  # the final model
+    results_table = property(lambda self: self._file("results.md"))  # with --compare: the run and its baselines
+    reliability = property(lambda self: self._file("reliability_diagram.png"))
+    tensorboard = property(lambda self: self._file("tensorboard"))
+    export = property(lambda self: self._file("export"))  # SavedModel versions
+    evaluation = property(lambda self: self._file("evaluation"))  # tools/evaluate.py's default reports
+    image_record = property(lambda self: self._file("image_check"))  # `data.check_image_files`'s record
+    checkpoints = property(lambda self: self._file("checkpoints"))
+
+
+@dataclasses.dataclass
+class DataRecord:
+    """The data of a run as its record keeps it (`LabeledData` without the images)."""
+
+    name: str
+    num_classes: int
+    train_size: int
+    test_size: int
+    train_counts: List[int]
+    class_names: List[str]
+    mean: List[float]
+    std: List[float]
+    image_shape: List[int]
+    holdout_size: int = 0
+    test_crop: float = 0.0
+    train_fingerprint: Optional[str] = None  # absent from runs recorded before fingerprints
+    test_fingerprint: Optional[str] = None
+    left_out: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """A run's config.json: its settings (as saved: `settings` completes them), its data, how its
+    precision was chosen, its schedule, optimizer, model and the versions that wrote it."""
+
+    config: dict
+    data: DataRecord
+    precision_choice: dict = dataclasses.field(default_factory=dict)
+    steps_per_epoch: int = 0
+    lr_by_epoch: list = dataclasses.field(default_factory=list)
+    optimizer: dict = dataclasses.field(default_factory=dict)
+    model: dict = dataclasses.field(default_factory=dict)
+    versions: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def settings(self) -> RunConfig:
+        """The run's settings; one added after the run was saved has its default then
+        (float32 for the precision)."""
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        return RunConfig(**{**dataclasses.asdict(RunConfig()), "precision": "float32",
+                            **{k: v for k, v in self.config.items() if k in known}})
+
+    @property
+    def mean_lambda(self) -> float:
+        return float(np.mean(self.config["lambdas"]))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunRecord":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data_fields = {f.name for f in dataclasses.fields(DataRecord)}
+        record = {k: v for k, v in values.items() if k in fields}
+        record["data"] = DataRecord(**{k: v for k, v in values["data"].items() if k in data_fields})
+        return cls(**record)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_record(run_dir: str) -> Optional[RunRecord]:
+    """The `RunRecord` of a run folder, or None when it holds no config.json yet."""
+    path = RunFolder(run_dir).config
+    try:
+        with open(path) as f:
+            return RunRecord.from_dict(json.load(f))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RunError(f"{path} is not a run record of tools/train.py ({type(e).__name__}: {e}): restore it, "
+                       "or start the run in a new --output_dir") from None
 
 
 def check_writable_folder(path: str, flag: str):
@@ -56,31 +151,18 @@ def check_writable_file(path: str, flag: str):
     check_writable_folder(os.path.dirname(os.path.abspath(path)), flag)
 
 
-def config_path(output_dir):
-    return os.path.join(output_dir, "config.json")
-
-
-def read_run_record(output_dir: str) -> dict:
-    """The run's config.json record, or {} when the folder holds none yet."""
-    try:
-        with open(config_path(output_dir)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}
-
-
 def checkpoint_path(output_dir: str, epoch: int, step: int = 0) -> str:
     """Where the checkpoint of `epoch` finished epochs and `step` steps of the next one goes:
     `checkpoints/epoch_NNNN.keras` at an epoch's end, `epoch_NNNN_step_SSSSSS.keras` inside one."""
     name = f"epoch_{epoch:04d}" + (f"_step_{step:06d}" if step else "") + ".keras"
-    return os.path.join(output_dir, CHECKPOINT_FOLDER, name)
+    return os.path.join(RunFolder(output_dir).checkpoints, name)
 
 
 def checkpoints(output_dir: str) -> list:
     """((epoch, step), path) of every checkpoint in a run folder, newest first: `epoch`
     finished epochs and `step` steps of the next (0 at an epoch's end)."""
     found = []
-    for path in glob.glob(os.path.join(output_dir, CHECKPOINT_FOLDER, "epoch_*.keras")):
+    for path in glob.glob(os.path.join(RunFolder(output_dir).checkpoints, "epoch_*.keras")):
         match = re.search(r"epoch_(\d+)(?:_step_(\d+))?\.keras$", path)
         if match:
             found.append(((int(match.group(1)), int(match.group(2) or 0)), path))
@@ -154,28 +236,25 @@ def describe_position(position) -> str:
     return f"epoch {epoch}" if not step else f"epoch {epoch + 1}, step {step}"
 
 
-def resumed_run_settings(output_dir: str):
-    """The settings (config.json's "config") of the run whose checkpoint `output_dir` holds,
-    every setting present, or None when it holds no checkpoint: a run started there is a new one."""
+def resumed_run_settings(output_dir: str) -> Optional[RunConfig]:
+    """The settings of the run whose checkpoint `output_dir` holds (`RunRecord.settings`), or
+    None when it holds no checkpoint: a run started there is a new one."""
     _, checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         return None
-    path = config_path(output_dir)
-    if not os.path.isfile(path):
+    record = read_record(output_dir)
+    if record is None:
         raise RunError(f"{output_dir} holds checkpoint {checkpoint} but no config.json, so it "
                        "cannot be resumed safely: use a new --output_dir or delete the folder")
-    with open(path) as f:
-        saved = json.load(f)["config"]
-    # A setting added after the run was saved had its default then (float32 for the precision).
-    return {**dataclasses.asdict(RunConfig()), "precision": "float32", **saved}
+    return record.settings
 
 
 def check_run_folder(config: RunConfig):
     """Fail if the run folder holds another run's checkpoint that this config cannot resume."""
-    saved = resumed_run_settings(config.output_dir)
-    if saved is None:
+    resumed = resumed_run_settings(config.output_dir)
+    if resumed is None:
         return
-    current = dataclasses.asdict(config)
+    saved, current = dataclasses.asdict(resumed), dataclasses.asdict(config)
     if current["precision"] == "auto":  # auto resumes a run in the precision it started with
         current["precision"] = saved["precision"]
     diffs = [f"--{k}: saved {saved[k]!r}, now {current[k]!r}" for k in current
@@ -183,17 +262,17 @@ def check_run_folder(config: RunConfig):
     if diffs:
         raise RunError(f"{config.output_dir} holds a checkpoint of a different run ("
                        + "; ".join(diffs) + "): use a new --output_dir, or the saved settings "
-                       f"(--flagfile={os.path.join(config.output_dir, 'flags.txt')}) to resume it")
+                       f"(--flagfile={RunFolder(config.output_dir).flags}) to resume it")
 
 
 def finished_results(output_dir: str, epochs: int):
     """The final test metrics of a run that has finished all `epochs` in `output_dir` (its
     results.json beside its model.keras), or None."""
-    path = os.path.join(output_dir, "results.json")
-    if not (os.path.isfile(path) and os.path.isfile(os.path.join(output_dir, "model.keras"))):
+    folder = RunFolder(output_dir)
+    if not (os.path.isfile(folder.results) and os.path.isfile(folder.model)):
         return None
     try:
-        with open(path) as f:
+        with open(folder.results) as f:
             saved = json.load(f)
     except (OSError, ValueError):
         return None
@@ -201,20 +280,18 @@ def finished_results(output_dir: str, epochs: int):
 
 
 def load_run(run_dir: str, precision: str = ""):
-    """(model, saved run record) of a run folder made by tools/train.py.
+    """(model, `RunRecord`) of a run folder made by tools/train.py.
 
     The model computes in `precision`, by default the run's `--precision`: the one its final
     evaluation and export used, so that evaluating it again gives the same numbers."""
-    record_path = os.path.join(run_dir, "config.json")
-    model_path = os.path.join(run_dir, "model.keras")
+    model_path = RunFolder(run_dir).model
     if not os.path.isfile(model_path):
         _, model_path = latest_checkpoint(run_dir)
-    if not os.path.isfile(record_path) or not model_path:
+    record = read_record(run_dir)
+    if record is None or not model_path:
         raise RunError(f"{run_dir} holds no trained model (model.keras or checkpoints/) with its "
                        "config.json: pass the --output_dir of a tools/train.py run")
-    with open(record_path) as f:
-        record = json.load(f)
-    return load_model_file(model_path, precision or record["config"].get("precision", "float32")), record
+    return load_model_file(model_path, precision or record.settings.precision), record
 
 
 def save_atomic(model, path):

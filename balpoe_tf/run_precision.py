@@ -51,7 +51,7 @@ def choose_precision(config: RunConfig, data: lt_data.LabeledData, strategy: tf.
         return precision_lib.PrecisionChoice(config.precision, "given")
     saved = None if config.dry_run else resumed_run_settings(config.output_dir)
     if saved is not None:
-        return precision_lib.PrecisionChoice(saved["precision"], "resumed")
+        return precision_lib.PrecisionChoice(saved.precision, "resumed")
     model_key = precision_model_key(config, data, strategy.num_replicas_in_sync)
     batch = model_key["batch"]
     total_steps = config.epochs * lt_data.steps_per_epoch(len(data.train), config.batch_size)

@@ -83,7 +83,8 @@ def test_settings_load_without_tensorflow():
     """Every tool's settings, with the rules and names they are checked against, in a fresh
     interpreter: reading or checking a configuration loads neither TensorFlow nor Keras."""
     script = ("import sys; from balpoe_tf import run_config, settings; "
-              "run_config.RunConfig(); settings.EvalConfig(run_dir='r'); settings.PredictConfig(model='m', inputs=['x']); "
+              "run_config.RunConfig(); settings.EvalConfig(run_dir='r'); "
+              "settings.PredictConfig(model='m', inputs=['x']); "
               "settings.ExportConfig(run_dir='r'); settings.ReproduceConfig(); "
               "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -141,7 +141,9 @@ def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path,
     assert (new.precision, new.how) == ("float32", "no candidate")  # a new run
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "epoch_0001.keras").write_bytes(b"")
-    (tmp_path / "config.json").write_text(json.dumps({"config": {"precision": "mixed_bfloat16"}}))
+    record = run_folder.RunRecord({"precision": "mixed_bfloat16"}, run_folder.DataRecord(
+        "digits", 10, 100, 10, [10] * 10, [str(c) for c in range(10)], [0.5], [0.25], [8, 8, 1]))
+    (tmp_path / "config.json").write_text(json.dumps(record.to_dict()))
     resumed = run_precision.choose_precision(config, data, strategy, [], {"avx512f"})
     assert (resumed.precision, resumed.how) == ("mixed_bfloat16", "resumed")
     explicit = dataclasses.replace(config, precision="float32")  # check_run_folder then refuses it
@@ -628,7 +630,8 @@ def _two_workers(args, out, caches=None):
     ports = [_free_port(), _free_port()]
     procs = []
     for index in range(2):
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}}
         env = dict(os.environ, TF_CONFIG=json.dumps(tf_config))
         if caches:
             env["BALPOE_TF_CACHE_DIR"] = str(caches[index])

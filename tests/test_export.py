@@ -74,7 +74,7 @@ def test_prior_signatures_apply_the_posthoc_adjustment(run):
     images = tf.constant([_png(p) for p in pixels])
     prior = np.linspace(1.0, 0.0, 10).astype(np.float32)  # the last class absent
     plain = loaded.signatures["serving_default"](images=images)["logits"].numpy()
-    expected = evaluation.posthoc_adjust(plain, prior, record["data"]["train_counts"], 0.0)
+    expected = evaluation.posthoc_adjust(plain, prior, record.data.train_counts, 0.0)
     got = loaded.signatures["predict_with_prior"](images=images, prior=tf.constant(prior))["logits"]
     # Equal up to a constant per row (softmax is shift-invariant): compare centred logits.
     centre = lambda z: z - z.mean(axis=1, keepdims=True)  # noqa: E731
@@ -175,10 +175,12 @@ def _untrained_run(run_dir, precision):
     with models.precision_policy(precision):
         model = task.BalPoEModel(10, num_experts=2, backbone="resnet8", input_shape=(8, 8, 3))
     model.save(run_dir / "model.keras")
-    record = {"config": {"precision": precision, "lambdas": [1.0, -1.0]},
-              "data": {"mean": list(lt_data.CIFAR_MEAN), "std": list(lt_data.CIFAR_STD),
-                       "class_names": [str(c) for c in range(10)], "train_counts": [10] * 10}}
-    (run_dir / "config.json").write_text(json.dumps(record))
+    record = run_folder.RunRecord(
+        config={"precision": precision, "lambdas": [1.0, -1.0], "backbone": "resnet8", "num_experts": 2},
+        data=run_folder.DataRecord(name="untrained", num_classes=10, train_size=100, test_size=10,
+                                   train_counts=[10] * 10, class_names=[str(c) for c in range(10)],
+                                   mean=list(lt_data.CIFAR_MEAN), std=list(lt_data.CIFAR_STD), image_shape=[8, 8, 3]))
+    (run_dir / "config.json").write_text(json.dumps(record.to_dict()))
     return model
 
 
@@ -189,7 +191,7 @@ def test_a_bfloat16_run_ends_with_a_float32_saved_model(tmp_path):
                                   precision="mixed_bfloat16")
     experiment.train(config, log=lambda line: None)
     trained, record = run_folder.load_run(str(tmp_path))
-    assert trained.dtype_policy.name == record["config"]["precision"] == "mixed_bfloat16"
+    assert trained.dtype_policy.name == record.settings.precision == "mixed_bfloat16"
     as_float32, _ = run_folder.load_run(str(tmp_path), "float32")
     served = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["predict_tensor"]
     with open(tmp_path / "export" / "1" / "assets.extra" / export.METADATA_NAME) as f:
@@ -228,10 +230,6 @@ def test_a_run_loads_in_its_precision_and_exports_in_float32_unless_told(tmp_pat
 @pytest.mark.parametrize("speedup, chosen", [(1.8, "mixed_bfloat16"), (0.6, "float32")])
 def test_export_auto_serves_in_the_precision_measured_faster_here(tmp_path, monkeypatch, speedup, chosen):
     _untrained_run(tmp_path, "float32")
-    record = json.loads((tmp_path / "config.json").read_text())
-    record["config"].update(backbone="resnet8", num_experts=2)
-    record["data"].update(image_shape=[8, 8, 3], num_classes=10)
-    (tmp_path / "config.json").write_text(json.dumps(record))
     monkeypatch.setenv("BALPOE_TF_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])

@@ -74,14 +74,14 @@ def test_run_folder_and_saved_model_agree_with_the_model(run):
 def test_given_and_estimated_priors_match_the_evaluation(run):
     prior = np.arange(1, 11, dtype=np.float64)
     given = inference.predict_files(_config(run, top_k=10, prior=",".join(map(str, prior))), log=lambda line: None)
-    counts = run_folder.load_run(str(run[0] / "run"))[1]["data"]["train_counts"]
+    counts = run_folder.load_run(str(run[0] / "run"))[1].data.train_counts
     expected = label_shift.softmax(evaluation.posthoc_adjust(_model_logits(run), prior, counts, 0.0))
     order = [[t["class"] for t in p["top_k"]] for p in given["predictions"]]
     np.testing.assert_allclose(_probabilities(given), np.take_along_axis(expected, np.array(order), 1), atol=1e-5)
     np.testing.assert_allclose(given["prior_values"], prior / prior.sum())
 
     uniform = np.full(10, 0.1)  # mean lambda 0: the logits are balanced as they are
-    holdout = label_shift.load_holdout(str(run[0] / "run"))
+    holdout = label_shift.load_holdout(str(run[0] / "run"), run[2].train_counts())
     for model in (run[0] / "run", run[0] / "run" / "export"):  # the SavedModel carries the calibration
         estimated = inference.predict_files(_config(run, estimate_prior=True, prior_safeguard=0, model=str(model)),
                                             log=lambda line: None)
@@ -216,6 +216,6 @@ def test_saved_model_serves_the_calibrated_adaptation(run):
     prior = np.arange(1, 11, dtype=np.float32)
     images = tf.constant([open(p, "rb").read() for p in run[4]])
     served = serve(images=images, prior=tf.constant(prior))["logits"].numpy()
-    holdout = label_shift.load_holdout(str(run[0] / "run"))
+    holdout = label_shift.load_holdout(str(run[0] / "run"), run[2].train_counts())
     expected = label_shift.adapt(_model_logits(run), prior / prior.sum(), holdout.calibration)
     np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)

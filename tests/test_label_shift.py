@@ -119,10 +119,9 @@ def test_holdout_round_trip(tmp_path):
     rng = np.random.RandomState(3)
     labels = rng.choice(3, size=300)
     logits = _gaussian_logits(labels, rng)
-    assert label_shift.load_holdout(str(tmp_path)) is None
-    (tmp_path / "config.json").write_text(json.dumps({"data": {"train_counts": [5, 3, 2]}}))
+    assert label_shift.load_holdout(str(tmp_path), [5, 3, 2]) is None
     saved = label_shift.save_holdout(str(tmp_path), labels, logits, [5, 3, 2])
-    loaded = label_shift.load_holdout(str(tmp_path))
+    loaded = label_shift.load_holdout(str(tmp_path), [5, 3, 2])
     np.testing.assert_array_equal(loaded.labels, labels)
     record = json.loads((tmp_path / label_shift.CALIBRATION_FILE).read_text())
     assert record["bcts"]["nll_after"] <= record["bcts"]["nll_before"]
@@ -136,7 +135,7 @@ def test_holdout_round_trip(tmp_path):
     (tmp_path / label_shift.CALIBRATION_FILE).write_text(json.dumps(stale))
     for record_left in (True, False):
         assert (tmp_path / label_shift.CALIBRATION_FILE).exists() == record_left
-        refitted = label_shift.load_holdout(str(tmp_path))
+        refitted = label_shift.load_holdout(str(tmp_path), [5, 3, 2])
         assert refitted.calibration.temperature == pytest.approx(saved.calibration.temperature, rel=1e-4)
         np.testing.assert_allclose(refitted.calibration.apply(logits), saved.calibration.apply(logits), atol=1e-4)
         (tmp_path / label_shift.CALIBRATION_FILE).unlink(missing_ok=True)

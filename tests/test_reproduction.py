@@ -129,9 +129,9 @@ def test_reproduction_resumes_and_reports_at_any_time(tmp_path):
         methods=["balpoe", "bs"], seeds=[1], run_root=root, summary_json=summary_json), log=lines.append)
     assert "resuming from" in "\n".join(lines) and [e["finished"] for e in entries] == [True, True]
     # BS computes in the precision --precision=auto chose for the BalPoE run started before it.
-    bs_precision = run_folder.read_run_record(reproduction.method_config(base, "bs", 1, root).output_dir)
-    assert bs_precision["config"]["precision"] == run_folder.read_run_record(balpoe.output_dir)["config"]["precision"]
-    assert bs_precision["precision_choice"]["how"] == "compared"
+    bs = run_folder.read_record(reproduction.method_config(base, "bs", 1, root).output_dir)
+    assert bs.config["precision"] == run_folder.read_record(balpoe.output_dir).config["precision"]
+    assert bs.precision_choice["how"] == "compared"
     text = (tmp_path / "root" / "reproduce.md").read_text()
     assert "| BalPoE | 1 | finished |" in text and "| BS (lambda 0) | 1 | finished |" in text
     assert "| BalPoE | no prior |" in text and "| BS (lambda 0) | + prior estimated (em) |" in text

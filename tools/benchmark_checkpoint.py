@@ -26,7 +26,7 @@ balpoe_tf.import_tensorflow_quietly()
 from absl import app, flags  # noqa: E402
 
 import benchmark_throughput  # noqa: E402  (this folder: the models and how they are built)
-from balpoe_tf import run_folder  # noqa: E402
+from balpoe_tf import reporting, run_folder  # noqa: E402
 
 flags.DEFINE_list("checkpoint_models", ["resnet32x3", "resnet50x3"], "Models of benchmark_throughput.MODELS.")
 flags.DEFINE_integer("saves", 5, "Timed steps and checkpoints each; medians are reported.")
@@ -71,21 +71,14 @@ def main(argv):
     del argv
     rows = [measure(name) for name in FLAGS.checkpoint_models]
     result = {"date": time.strftime("%Y-%m-%d"), "cores": len(os.sched_getaffinity(0)), "runs": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-    with open(FLAGS.json, "w") as f:
-        json.dump(result, f, indent=1)
-    lines = [f"A checkpoint against a training step ({result['date']}, {result['cores']} cores, float32, median of "
-             f"{FLAGS.saves})", "", "| model | batch | step | checkpoint | size | checkpoint / step | "
-             f"cost every {FLAGS.minutes:g} min |", "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['model']} | {row['batch']} | {row['step_seconds']:.2f} s | "
-                     f"{row['checkpoint_seconds']:.2f} s | {row['checkpoint_mib']:.0f} MiB | "
-                     f"{row['checkpoint_over_step']:.2f} | {100 * row['share_at_minutes']:.2f} % |")
-    markdown = os.path.splitext(FLAGS.json)[0] + ".md"
-    with open(markdown, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {FLAGS.json} and {markdown}")
+    table = reporting.markdown_table(
+        ["model", "batch", "step", "checkpoint", "size", "checkpoint / step", f"cost every {FLAGS.minutes:g} min"],
+        [[r["model"], r["batch"], f"{r['step_seconds']:.2f} s", f"{r['checkpoint_seconds']:.2f} s",
+          f"{r['checkpoint_mib']:.0f} MiB", f"{r['checkpoint_over_step']:.2f}", f"{100 * r['share_at_minutes']:.2f} %"]
+         for r in rows])
+    reporting.write_benchmark(FLAGS.json, result, [
+        f"A checkpoint against a training step ({result['date']}, {result['cores']} cores, float32, median of "
+        f"{FLAGS.saves})", "", *table])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from absl import app, flags  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from balpoe_tf import data as lt_data  # noqa: E402
+from balpoe_tf import reporting  # noqa: E402
 
 flags.DEFINE_integer("images", 10000, "JPEGs per size.")
 flags.DEFINE_list("sizes", ["32x32", "500x375"], "Image sizes, WIDTHxHEIGHT.")
@@ -85,20 +86,13 @@ def main(argv):
     del argv
     rows = [measure(size) for size in FLAGS.sizes]
     result = {"date": time.strftime("%Y-%m-%d"), "cores": len(os.sched_getaffinity(0)), "runs": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-    with open(FLAGS.json, "w") as f:
-        json.dump(result, f, indent=1)
-    lines = [f"Checking {FLAGS.images:,} JPEGs before training ({result['date']}, {result['cores']} cores, files in "
-             "the page cache)", "", "| size | mean file | first check | per 10,000 | with the record |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['size']} | {row['mean_bytes'] / 1024:.1f} KiB | {row['first_seconds']:.1f} s | "
-                     f"{row['first_seconds_per_10000']:.1f} s | {row['recorded_seconds']:.2f} s |")
-    markdown = os.path.splitext(FLAGS.json)[0] + ".md"
-    with open(markdown, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {FLAGS.json} and {markdown}")
+    table = reporting.markdown_table(
+        ["size", "mean file", "first check", "per 10,000", "with the record"],
+        [[r["size"], f"{r['mean_bytes'] / 1024:.1f} KiB", f"{r['first_seconds']:.1f} s",
+          f"{r['first_seconds_per_10000']:.1f} s", f"{r['recorded_seconds']:.2f} s"] for r in rows])
+    reporting.write_benchmark(FLAGS.json, result, [
+        f"Checking {FLAGS.images:,} JPEGs before training ({result['date']}, {result['cores']} cores, files in the "
+        "page cache)", "", *table])
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from balpoe_tf import cli, precision, run_config, run_data, run_precision  # noqa: E402
+from balpoe_tf import cli, precision, reporting, run_config, run_data, run_precision  # noqa: E402
 from balpoe_tf import data as lt_data  # noqa: E402
 
 flags.DEFINE_list("flagfiles", ["configs/demo.flags", "configs/cifar100_ir100.flags"], "Runs to decide for.")
@@ -75,23 +75,16 @@ def main(argv):
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": precision.cpu_model(),
               "candidates": list(precision.auto_candidates(precision.gpu_capabilities(), precision.cpu_flags())),
               "tensorflow": tf.__version__, "runs": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-    with open(FLAGS.json, "w") as f:
-        json.dump(result, f, indent=1)
-    lines = [f"`--precision=auto` on {result['cpu']} ({result['date']}, TensorFlow {result['tensorflow']}; "
-             f"candidates: {', '.join(result['candidates']) or 'none'})", "",
-             "| flag file | chosen | how | training images/s | deciding, first run | deciding, cached |",
-             "|---|---|---|---|---|---|"]
+    table = []
     for row in rows:
         choice = row["choice"]
         rates = ", ".join(f"{p} {r:.0f}" for p, r in choice["rates"].items()) or "-"
-        lines.append(f"| {row['flagfile']} | {choice['precision']} | {choice['how']} | {rates} | "
-                     f"{row['first_seconds']:.2f} s | {row['cached_seconds']:.3f} s |")
-    markdown = os.path.splitext(FLAGS.json)[0] + ".md"
-    with open(markdown, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {FLAGS.json} and {markdown}")
+        table.append([row["flagfile"], choice["precision"], choice["how"], rates,
+                      f"{row['first_seconds']:.2f} s", f"{row['cached_seconds']:.3f} s"])
+    reporting.write_benchmark(FLAGS.json, result, [
+        f"`--precision=auto` on {result['cpu']} ({result['date']}, TensorFlow {result['tensorflow']}; "
+        f"candidates: {', '.join(result['candidates']) or 'none'})", ""] + reporting.markdown_table(
+        ["flag file", "chosen", "how", "training images/s", "deciding, first run", "deciding, cached"], table))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""The run folder's names and its typed record of config.json."""
+
+import dataclasses
+import json
+
+import pytest
+
+from balpoe_tf import run_folder
+from balpoe_tf.config import RunError
+from balpoe_tf.run_config import RunConfig
+
+
+def _data_record(**changes):
+    return run_folder.DataRecord(**{
+        "name": "digits", "num_classes": 3, "train_size": 7, "test_size": 6, "train_counts": [4, 2, 1],
+        "class_names": ["a", "b", "c"], "mean": [0.5], "std": [0.25], "image_shape": [8, 8, 1], **changes})
+
+
+def test_file_names_are_spelled_in_one_place():
+    folder = run_folder.RunFolder("runs/a")
+    assert (folder.config, folder.model, folder.flags) == ("runs/a/config.json", "runs/a/model.keras",
+                                                           "runs/a/flags.txt")
+    assert run_folder.checkpoint_path("runs/a", 3, 20) == f"{folder.checkpoints}/epoch_0003_step_000020.keras"
+
+
+def test_record_round_trips_through_config_json(tmp_path):
+    assert run_folder.read_record(str(tmp_path)) is None  # a new folder
+    config = dataclasses.asdict(RunConfig(lambdas=[-1.0, 0.0, 2.0], precision="mixed_bfloat16"))
+    record = run_folder.RunRecord(config, _data_record(test_fingerprint="ab12"), steps_per_epoch=5)
+    (tmp_path / "config.json").write_text(json.dumps(record.to_dict()))
+    read = run_folder.read_record(str(tmp_path))
+    assert read == record
+    assert read.mean_lambda == pytest.approx(1 / 3)
+    assert read.settings.precision == "mixed_bfloat16"
+
+
+def test_a_record_from_an_earlier_version_reads_with_the_defaults_of_then(tmp_path):
+    # Written before fingerprints, test crops and --precision existed, with a key since dropped.
+    config = {k: v for k, v in dataclasses.asdict(RunConfig()).items() if k != "precision"}
+    data = {k: v for k, v in dataclasses.asdict(_data_record()).items()
+            if k not in ("test_crop", "train_fingerprint", "test_fingerprint", "left_out", "holdout_size")}
+    (tmp_path / "config.json").write_text(json.dumps({"config": {**config, "retired_flag": 1},
+                                                      "data": {**data, "retired_field": 2}}))
+    read = run_folder.read_record(str(tmp_path))
+    assert (read.data.test_fingerprint, read.data.test_crop, read.data.left_out) == (None, 0.0, [])
+    assert read.settings.precision == "float32"  # what every run computed in before the flag
+    assert read.settings.backbone == RunConfig().backbone
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"config": {}}), "[1, 2]"])
+def test_a_damaged_record_is_named_with_the_fix(tmp_path, text):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(RunError, match=r"config.json is not a run record of tools/train.py .*new --output_dir"):
+        run_folder.read_record(str(tmp_path))
