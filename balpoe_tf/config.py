@@ -94,10 +94,15 @@ def refuse(name: str, value, rule: str):
     raise ConfigError(problem(name, value, rule))
 
 
+def _broken_fields(config) -> list:
+    """`(field, value)` of each field of a config dataclass that breaks its rule."""
+    return [(f, getattr(config, f.name)) for f in dataclasses.fields(config)
+            if f.metadata.get("check") is not None and not f.metadata["check"].ok(getattr(config, f.name))]
+
+
 def invalid_fields(config) -> set:
     """The names of the fields of a config dataclass that break their rule."""
-    return {f.name for f in dataclasses.fields(config)
-            if f.metadata.get("check") is not None and not f.metadata["check"].ok(getattr(config, f.name))}
+    return {f.name for f, _ in _broken_fields(config)}
 
 
 def validate(config, contradictions: Sequence[str] = (), fixes: Sequence[str] = ()):
@@ -107,14 +112,11 @@ def validate(config, contradictions: Sequence[str] = (), fixes: Sequence[str] = 
 
     One problem is one line; several are a count and one line each."""
     found = []
-    for field in dataclasses.fields(config):
-        check = field.metadata.get("check")
-        value = getattr(config, field.name)
-        if check is not None and not check.ok(value):
-            rule = check.rule
-            if isinstance(value, float) and not math.isfinite(value) and "finite" not in rule:
-                rule = f"a finite number {rule}" if rule.startswith((">", "<", "in ")) else f"a finite number, {rule}"
-            found.append(problem(field.name, value, rule))
+    for field, value in _broken_fields(config):
+        rule = field.metadata["check"].rule
+        if isinstance(value, float) and not math.isfinite(value) and "finite" not in rule:
+            rule = f"a finite number {rule}" if rule.startswith((">", "<", "in ")) else f"a finite number, {rule}"
+        found.append(problem(field.name, value, rule))
     found += list(contradictions)
     if len(found) == 1:
         raise ConfigError(found[0] + (f"; fix: {' '.join(fixes)}" if fixes else ""))

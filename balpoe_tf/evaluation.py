@@ -387,7 +387,7 @@ def evaluate_runs(config: EvalConfig, log=print) -> dict:
                             len(data.test), config.progress_every)
         preds = predict(model, lt_data.test_pipeline(data, config.batch_size), progress)
         progress.close()
-        mean_lambda = float(np.mean(saved_config.lambdas))
+        mean_lambda = record.mean_lambda
         subsets = list_subsets(config.shift_list_dir, data.test, data.num_classes, distributions,
                                saved_config.data_root)
         holdout = label_shift.load_holdout(run_dir, train_counts)

@@ -212,8 +212,8 @@ def serving_precision(run_dir: str) -> precision_lib.PrecisionChoice:
         forward = models.forward_function(load_run(run_dir, name)[0])
         return lambda: forward(images)["logits"].numpy()
 
-    saved = record.config
-    model_key = {"task": "prediction", "backbone": saved["backbone"], "experts": saved["num_experts"],
+    settings = record.settings
+    model_key = {"task": "prediction", "backbone": settings.backbone, "experts": settings.num_experts,
                  "classes": record.data.num_classes, "image_shape": shape, "batch": SERVING_BATCH}
     return precision_lib.choose_auto(model_key, precision_lib.auto_candidates(gpus, flags), make_step,
                                      SERVING_BATCH, math.inf, gpus, flags)

@@ -41,6 +41,19 @@ AUTO_CPU_FEATURES = {"mixed_bfloat16": ("avx512_bf16", "amx_bf16")}
 AUTO_GPU_CAPABILITY = {"mixed_bfloat16": (8, 0), "mixed_float16": (7, 0)}
 
 
+def _cpuinfo_value(key: str, cpuinfo: str) -> Optional[str]:
+    """The value of `key` for the first processor listed in `cpuinfo`, or None where it is absent
+    or the file cannot be read (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1]
+    except OSError:
+        pass
+    return None
+
+
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo"):
     """This CPU's x86 feature flags, or None where they cannot be read (not Linux, not x86).
 
@@ -50,26 +63,14 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo"):
     Returns:
         The set of flags of the first processor listed, or None.
     """
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo_value("flags", cpuinfo)
+    return None if flags is None else set(flags.split())
 
 
 def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name (Linux), or the platform's description of the processor."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = _cpuinfo_value("model name", cpuinfo)
+    return name.strip() if name is not None else platform.processor() or platform.machine()
 
 
 def gpu_capabilities() -> list:
@@ -348,9 +349,10 @@ def slowest_worker(choice: PrecisionChoice, rows) -> PrecisionChoice:
     least = [min(float(row[i]) for row in rows) for i in range(2 * len(MIXED))]
     speedups = {p: s for p, s in zip(MIXED, least) if s > 0}
     relative = {"float32": 1.0, **{p: r for p, r in zip(MIXED, least[len(MIXED):]) if r > 0}}
-    if speedups == choice.speedups and decide(speedups, relative) == choice.precision:
+    agreed = decide(speedups, relative)
+    if speedups == choice.speedups and agreed == choice.precision:
         return choice
-    return dataclasses.replace(choice, precision=decide(speedups, relative), speedups=speedups, how="agreed")
+    return dataclasses.replace(choice, precision=agreed, speedups=speedups, how="agreed")
 
 
 def _valid_entry(entry, candidates) -> bool:

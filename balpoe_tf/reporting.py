@@ -89,10 +89,12 @@ def percent(value) -> str:
 
 
 def markdown_table(header, rows) -> list:
-    """The lines of a Markdown table: the header, the rule, one line per row (cells as given):
-    every table the package writes."""
-    return (["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+    """The lines of a Markdown table: the header, the rule, one line per row (cells as given, an
+    empty one as `| |`): every table the package and its benchmarks write."""
+    def line(cells):
+        return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+    return [line(header), "|" + "---|" * len(header)] + [line(row) for row in rows]
 
 
 def format_table(rows: dict, columns=RESULT_COLUMNS) -> str:

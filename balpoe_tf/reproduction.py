@@ -71,17 +71,17 @@ def evaluate_run(run_dir: str, log: Callable[[str], None] = print) -> dict:
     """Results and details of `evaluation.evaluate_runs` for one finished run, kept in
     RUN/evaluation/evaluation.json and reused while it is newer than the model (and has the
     reliability bins, which older evaluations lack)."""
-    out = run_folder.RunFolder(run_dir).evaluation
+    folder = run_folder.RunFolder(run_dir)
+    out, model = folder.evaluation, folder.model
     cached = os.path.join(out, evaluation.REPORT_FILES["json"])
     name = os.path.basename(os.path.normpath(run_dir))
-    model = run_folder.RunFolder(run_dir).model
     saved = None
     if os.path.isfile(cached) and os.path.getmtime(cached) > os.path.getmtime(model):
         with open(cached) as f:
             saved = json.load(f)
     if saved is None or "reliability" not in saved["details"][name]:
-        evaluation.evaluate_runs(EvalConfig(run_dir=run_dir, priors=",".join(PRIOR_MODES),
-                                                       output_dir=out), log=lambda line: None)
+        evaluation.evaluate_runs(EvalConfig(run_dir=run_dir, priors=",".join(PRIOR_MODES), output_dir=out),
+                                 log=lambda line: None)
         log(f"evaluated {run_dir}")
         with open(cached) as f:
             saved = json.load(f)

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import tempfile
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -126,8 +127,6 @@ def check_writable_folder(path: str, flag: str):
         path: the folder the tool will write in.
         flag: the flag that named it, for the message.
     """
-    import tempfile
-
     if os.path.exists(path) and not os.path.isdir(path):
         raise RunError(f"--{flag}={path}: is a file, not a folder: give a folder (new or existing)")
     existing = os.path.abspath(path)

@@ -17,7 +17,6 @@ Writes JSON and a Markdown table beside it. Three parts:
   pads, slices, the optimizer's arithmetic, mixup) and its executor.
 """
 
-import json
 import os
 import re
 import statistics
@@ -28,6 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
+
+from balpoe_tf import reporting  # noqa: E402  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 flags.DEFINE_integer("batch", 128, "Batch size of the convolutions alone.")
 flags.DEFINE_integer("reps", 20, "Calls per timed run of a convolution alone.")
@@ -199,24 +200,24 @@ def markdown(result):
 
     lines = [f"float32 matmul peak (2048 x 2048): {peak / 1e9:.0f} GMAC/s", "",
              f"Convolutions alone, batch {result['convolutions'][0]['batch']}: ms, GMAC/s (% of the matmul peak)",
-             "", "| shape | forward | input gradient | weight gradient |", "|---|---|---|---|"]
-    for r in result["convolutions"]:
-        lines.append(f"| {r['shape']} | {rate(r['forward'])} | {rate(r['input gradient'])} | "
-                     f"{rate(r['weight gradient'])} |")
-    lines += ["", "| shape | experts apart, ms | one grouped convolution, ms | apart / grouped |", "|---|---|---|---|"]
-    for r in result["grouped"]:
-        lines.append(f"| {r['shape']} x {r['experts']} | {r['apart_ms']:.1f} | {r['grouped_ms']:.1f} | "
-                     f"{r['apart_ms'] / r['grouped_ms']:.2f} |")
+             "", *reporting.markdown_table(["shape", "forward", "input gradient", "weight gradient"], [
+                 [r["shape"], rate(r["forward"]), rate(r["input gradient"]), rate(r["weight gradient"])]
+                 for r in result["convolutions"]]),
+             "", *reporting.markdown_table(
+                 ["shape", "experts apart, ms", "one grouped convolution, ms", "apart / grouped"], [
+                     [f"{r['shape']} x {r['experts']}", f"{r['apart_ms']:.1f}", f"{r['grouped_ms']:.1f}",
+                      f"{r['apart_ms'] / r['grouped_ms']:.2f}"] for r in result["grouped"]])]
     step = result.get("step")
     if step:
-        lines += ["", f"Training step, 3 experts, batch 128, one inter-op thread: {step['step_ms']:.0f} ms "
-                  f"({step['step_ms_with_verbose']:.0f} ms with ONEDNN_VERBOSE)", "",
-                  "| part | ms per step | share | calls | GMAC/s |", "|---|---|---|---|---|"]
         parts = sorted(step["onednn"].items(), key=lambda kv: -kv[1]["ms"])
+        rows = []
         for name, v in parts + [("the rest (TensorFlow's own ops, executor)", {"ms": step["rest_ms"]})]:
             gmacs = f"{v['multiply_adds'] / v['ms'] / 1e6:.0f}" if v.get("multiply_adds") else ""
-            lines.append(f"| {name} | {v['ms']:.1f} | {100 * v['ms'] / step['step_ms']:.0f} % | "
-                         f"{v.get('calls', '')} | {gmacs} |")
+            rows.append([name, f"{v['ms']:.1f}", f"{100 * v['ms'] / step['step_ms']:.0f} %", v.get("calls", ""),
+                         gmacs])
+        lines += ["", f"Training step, 3 experts, batch 128, one inter-op thread: {step['step_ms']:.0f} ms "
+                  f"({step['step_ms_with_verbose']:.0f} ms with ONEDNN_VERBOSE)", "",
+                  *reporting.markdown_table(["part", "ms per step", "share", "calls", "GMAC/s"], rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +226,6 @@ def main(argv):
     if FLAGS.step_worker:
         run_training_steps(FLAGS.train_steps)
         return
-    import balpoe_tf  # noqa: F401  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
     import benchmark_throughput
 
     result = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(),
@@ -235,14 +235,7 @@ def main(argv):
                           for s, c in STAGE_SHAPES[1:]]}
     if FLAGS.train_steps:
         result["step"] = step_breakdown(FLAGS.train_steps)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-    with open(FLAGS.json, "w") as f:
-        json.dump(result, f, indent=1)
-    table_path = os.path.splitext(FLAGS.json)[0] + ".md"
-    with open(table_path, "w") as f:
-        f.write(markdown(result))
-    print(markdown(result))
-    print(f"wrote {FLAGS.json} and {table_path}")
+    reporting.write_benchmark(FLAGS.json, result, markdown(result).splitlines())
 
 
 if __name__ == "__main__":

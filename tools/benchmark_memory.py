@@ -82,8 +82,7 @@ def main(argv):
         result["after_pipeline_mib"] = peak_rss_mib()
 
         with models.precision_policy(FLAGS.precision):
-            model = task.build_model(config, data,
-                                           lt_data.steps_per_epoch(len(data.train), config.batch_size))
+            model = task.build_model(config, data, lt_data.steps_per_epoch(len(data.train), config.batch_size))
         result["precision"] = model.dtype_policy.name  # what the model computes in
         result["after_model_mib"] = peak_rss_mib()
         model.fit(pipeline, steps_per_epoch=1, epochs=1, verbose=0)  # trace and first step

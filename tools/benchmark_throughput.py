@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from balpoe_tf import reporting  # noqa: E402
+
 # name -> (backbone, experts, batch, image size, classes)
 MODELS = {
     "resnet32x3": ("resnet32", 3, 128, 32, 100),
@@ -287,21 +289,21 @@ def paired(name, reference, reference_python, pairs, steps, precision="float32")
 def paired_markdown(rows):
     span = lambda r: f"{r['median']:.2f} ({r['min']:.2f}–{r['max']:.2f})"  # noqa: E731
     med = lambda values: f"{statistics.median(values):.0f}"  # noqa: E731
-    lines = ["| model | pairs | train img/s ours / official | train ratio (range) | "
-             "predict img/s ours / official | predict ratio (range) | SavedModel / Keras (range) | "
-             "training GMAC/s ours / official (% of matmul peak) |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = []
     for r in rows:
         v = r["images_per_s"]
         model = r["model"] if r.get("precision", "float32") == "float32" else f"{r['model']}, {r['precision']}"
-        lines.append(f"| {model} | {len(v['ours_train'])} | {med(v['ours_train'])} / {med(v['official_train'])} "
-                     f"| {span(r['train_ratio'])} | {med(v['ours_predict'])} / {med(v['official_predict'])} | "
-                     f"{span(r['predict_ratio'])} | {span(r['serve_to_keras_ratio'])} | "
-                     + " / ".join(f"{r['train_macs_per_s'][side] / 1e9:.0f} "
-                                  f"({100 * r['train_macs_per_s'][side] / r['matmul_peak_macs_per_s']:.0f} %)"
-                                  for side in ("ours", "official")) + " |")
+        table.append([model, len(v["ours_train"]), f"{med(v['ours_train'])} / {med(v['official_train'])}",
+                      span(r["train_ratio"]), f"{med(v['ours_predict'])} / {med(v['official_predict'])}",
+                      span(r["predict_ratio"]), span(r["serve_to_keras_ratio"]),
+                      " / ".join(f"{r['train_macs_per_s'][side] / 1e9:.0f} "
+                                 f"({100 * r['train_macs_per_s'][side] / r['matmul_peak_macs_per_s']:.0f} %)"
+                                 for side in ("ours", "official"))])
     peak = statistics.median(r["matmul_peak_macs_per_s"] for r in rows)
-    return "\n".join(lines) + f"\n\nfloat32 matmul peak (2048 x 2048, TensorFlow): {peak / 1e9:.0f} GMAC/s\n"
+    return "\n".join(reporting.markdown_table(
+        ["model", "pairs", "train img/s ours / official", "train ratio (range)", "predict img/s ours / official",
+         "predict ratio (range)", "SavedModel / Keras (range)", "training GMAC/s ours / official (% of matmul peak)"],
+        table) + ["", f"float32 matmul peak (2048 x 2048, TensorFlow): {peak / 1e9:.0f} GMAC/s"]) + "\n"
 
 
 def _last_error_line(stderr):
@@ -313,30 +315,19 @@ def _last_error_line(stderr):
 
 
 def markdown(rows):
-    lines = ["| model | batch | oneDNN | XLA | precision | oneDNN ISA cap | train img/s | predict img/s | "
-             "pipeline img/s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = []
     for r in rows:
-        setting = (f"{'on' if r['onednn'] == '1' else 'off'} | {'on' if r['xla'] else 'off'} | "
-                   f"{r['precision']} | {r['cpu_isa'] or 'none'}")
+        setting = ["on" if r["onednn"] == "1" else "off", "on" if r["xla"] else "off", r["precision"],
+                   r["cpu_isa"] or "none"]
         if "error" in r:
-            lines.append(f"| {r['model']} | | {setting} | failed: {r['error'][:160]} | | | |")
+            table.append([r["model"], "", *setting, f"failed: {r['error'][:160]}", "", "", ""])
             continue
         pipeline = f"{r['pipeline_images_per_s']:.0f}" if "pipeline_images_per_s" in r else "n/a"
-        lines.append(f"| {r['model']} | {r['batch']} | {setting} | {r['train_images_per_s']:.1f} | "
-                     f"{r['predict_images_per_s']:.1f} | {pipeline} | {r['peak_rss_mib']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _write(rows, table):
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-        json.dump({"cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "results": rows}, f, indent=1)
-    table_path = os.path.splitext(FLAGS.output)[0] + ".md"
-    with open(table_path, "w") as f:
-        f.write(table)
-    print(table)
-    print(f"wrote {FLAGS.output} and {table_path}")
+        table.append([r["model"], r["batch"], *setting, f"{r['train_images_per_s']:.1f}",
+                      f"{r['predict_images_per_s']:.1f}", pipeline, f"{r['peak_rss_mib']:.0f}"])
+    return "\n".join(reporting.markdown_table(["model", "batch", "oneDNN", "XLA", "precision", "oneDNN ISA cap",
+                                               "train img/s", "predict img/s", "pipeline img/s", "peak RSS MiB"],
+                                              table)) + "\n"
 
 
 def main(argv):
@@ -389,6 +380,11 @@ def main(argv):
         rows.append(row)
         print(json.dumps(row), flush=True)
     _write(rows, markdown(rows))
+
+
+def _write(rows, table: str):
+    reporting.write_benchmark(FLAGS.output, {"cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+                                             "results": rows}, table.splitlines())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,15 +59,21 @@ class FileCheck:
         return not self.reason
 
 
+def _decodes(contents, channels: int, max_pixels: int, readable=True) -> tf.Tensor:
+    """Whether TensorFlow decodes `contents` as the pipelines do, where it is `readable` and has
+    at most `max_pixels` (from its header: larger images are never decoded); a decoding error
+    is raised, for the caller's dataset to drop."""
+    return tf.cond(readable & (image_pixels(contents) <= max_pixels),
+                   lambda: tf.size(decode_pixels(contents, channels)) > 0, lambda: tf.constant(False))
+
+
 def _tensorflow_pass(paths: Sequence[str], channels: int, max_pixels: int) -> Dict[int, int]:
     """{index: digest} of the files TensorFlow reads and decodes to Pillow's pixels within
     `max_pixels`, decoding them as the pipelines do, in parallel; a file that fails is left out."""
 
     def check(i, path):
         contents = tf.io.read_file(path)
-        small = image_pixels(contents) <= max_pixels
-        usable = tf.cond(decodes_as_pillow(contents) & small,
-                         lambda: tf.size(decode_pixels(contents, channels)) > 0, lambda: tf.constant(False))
+        usable = _decodes(contents, channels, max_pixels, decodes_as_pillow(contents))
         return i, tf.strings.to_hash_bucket_fast(contents, _DIGEST_BUCKETS), usable
 
     ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), tf.constant(list(paths))))
@@ -225,10 +232,7 @@ def _check_stream(split: Split, channels: int, record: ImageRecord, max_pixels: 
         wanted = tf.constant(np.isin(np.arange(stream.num_records), split.images))
 
         def check(i, contents, label):
-            small = image_pixels(contents) <= max_pixels
-            usable = tf.cond(small, lambda: tf.size(decode_pixels(contents, channels)) > 0,
-                             lambda: tf.constant(False))
-            return i, usable
+            return i, _decodes(contents, channels, max_pixels)
 
         records = stream.records().filter(lambda i, contents, label: tf.gather(wanted, i))
         with quiet_native_stderr():
@@ -276,8 +280,6 @@ def check_image_files(data: LabeledData, bad_images: str = "fail", record_folder
         The data with unusable files left out, converted files replaced by their PNG, and each
         file's content digest (`Split.digests`) for `dataset.fingerprint`.
     """
-    import tempfile
-
     record = ImageRecord(record_folder)
     temporary = "" if record_folder else tempfile.mkdtemp(prefix="balpoe_tf_converted_")
     replaced, bad_files = {}, []
