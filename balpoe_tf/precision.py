@@ -8,14 +8,18 @@ float32 on an AMD EPYC with AVX512-BF16 and 0.65x on an Intel Xeon with the same
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Callable, Dict, Optional, Sequence
+
+from balpoe_tf.config import RunError
 
 # Keras precision policies a run can compute in.
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -96,6 +100,53 @@ def emulated_precision_warning(precision: str, has_gpu: bool, flags) -> str:
     return (f"warning: --precision={precision} on a CPU without {', '.join(features[:-1])} or {features[-1]}: "
             "TensorFlow emulates it, which trains slower than float32, not faster (docs/performance.md, "
             "\"Precision\"); use --precision=float32")
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_problem(precision: str) -> str:
+    """Why TensorFlow cannot compute `precision` in this process, or "" where it can: one tiny
+    convolution, forward and both gradients, in the policy's compute dtype.
+
+    TensorFlow sends a mixed precision's convolutions to oneDNN when the CPU's own feature
+    flags allow it; a process that caps oneDNN below them (ONEDNN_MAX_CPU_ISA=AVX2 on an
+    AVX-512 CPU) then has no kernel for them, while a CPU that really lacks AVX-512 runs them
+    through TensorFlow's own (emulated) kernels. Trying is the only sure way to know.
+    """
+    if precision == "float32":
+        return ""
+    import tensorflow as tf
+
+    dtype = tf.bfloat16 if "bfloat16" in precision else tf.float16
+    images, kernel = tf.ones((1, 4, 4, 2), dtype), tf.ones((3, 3, 2, 2), dtype)
+    try:
+        with tf.GradientTape() as tape:
+            tape.watch([images, kernel])
+            loss = tf.reduce_sum(tf.nn.conv2d(images, kernel, 1, "SAME"))
+        tape.gradient(loss, [images, kernel])
+    except tf.errors.OpError as e:
+        return op_error_text(e)
+    return ""
+
+
+def op_error_text(error) -> str:
+    """A TensorFlow op error in one short line: its type and what the kernel said, without the
+    graph function's name or oneDNN's advice to rerun verbosely."""
+    detail = re.sub(r"\{\{.*?\}\}|Operation received an exception:", "", error.message).strip().splitlines()[0]
+    return f"{type(error).__name__}: {detail.split('. Run workload')[0].strip()[:200]}"
+
+
+def require_kernels(precision: str) -> None:
+    """Raise `RunError`, naming the cause and the fix, where TensorFlow cannot compute
+    `precision` in this process (`kernel_problem`)."""
+    problem = kernel_problem(precision)
+    if not problem:
+        return
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    cause = (f"ONEDNN_MAX_CPU_ISA={cap} caps oneDNN below the instructions TensorFlow sends "
+             f"{precision.replace('mixed_', '')} convolutions to on this CPU; unset it, or use "
+             if cap else "use ")
+    raise RunError(f"precision {precision}: TensorFlow has no convolution kernel for it in this process "
+                   f"({problem}); {cause}--precision=float32")
 
 
 def auto_candidates(gpus: list, flags) -> tuple:

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from balpoe_tf import precision
+
 
 RESULT_COLUMNS = ("accuracy", "many_accuracy", "medium_accuracy", "few_accuracy", "ece", "mce", "nll")
 
@@ -31,12 +33,14 @@ def write_json(path: str, value, **kwargs):
 
 def write_benchmark(path: str, result: dict, lines) -> str:
     """A benchmark's JSON at `path` and its Markdown `lines` beside it (`.md`), both printed
-    or named; returns the Markdown's path."""
+    or named, each naming the CPU it was measured on (speed is that CPU's); returns the
+    Markdown's path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json(path, result)
+    cpu = result.get("cpu") or precision.cpu_model()
+    write_json(path, {"cpu": cpu, **result})
     markdown = os.path.splitext(path)[0] + ".md"
     with open(markdown, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join([f"CPU: {cpu}", "", *lines]) + "\n")
     print("\n".join(lines))
     print(f"wrote {path} and {markdown}")
     return markdown

@@ -55,6 +55,8 @@ def choose_precision(config: RunConfig, data: lt_data.LabeledData, strategy: tf.
     model_key = precision_model_key(config, data, strategy.num_replicas_in_sync)
     batch = model_key["batch"]
     total_steps = config.epochs * lt_data.steps_per_epoch(len(data.train), config.batch_size)
-    choice = precision_lib.choose_auto(model_key, precision_lib.auto_candidates(gpus, flags),
+    # A candidate TensorFlow has no kernel for here (a capped oneDNN) is not measured: it could not run.
+    candidates = tuple(p for p in precision_lib.auto_candidates(gpus, flags) if not precision_lib.kernel_problem(p))
+    choice = precision_lib.choose_auto(model_key, candidates,
                                        measured_step(config, data, batch), batch, total_steps, gpus, flags)
     return distribution.agree_on_precision(strategy, choice)

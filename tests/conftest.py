@@ -10,7 +10,7 @@ import tensorflow as tf
 from absl import flags
 
 import balpoe_tf  # noqa: F401  (sets TF env before TensorFlow loads)
-from balpoe_tf import cli
+from balpoe_tf import cli, precision
 from balpoe_tf import data as lt_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 # --precision=auto caches its measurements: tests (and the tools they start) use a cache of
 # their own, never the user's, whose measurements would change what auto picks.
 os.environ["BALPOE_TF_CACHE_DIR"] = tempfile.mkdtemp(prefix="balpoe_tf_test_cache_")
+
+
+# Two float32 computations of the same values by different kernels (another CPU's instruction set,
+# another order of summation) differ by a few units in the last place of the largest value each
+# sum passes through: 1e-5 of the values' scale is about 80 float32 ulps (2**-23 = 1.2e-7).
+FLOAT32_TOLERANCE = 1e-5
+
+
+def assert_float32_close(actual, expected, tolerance=FLOAT32_TOLERANCE):
+    """`actual` equals `expected` up to float32 rounding: within `tolerance` times the largest
+    magnitude of `expected`."""
+    expected = np.asarray(expected, np.float64)
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=0,
+                               atol=tolerance * max(float(np.max(np.abs(expected))), 1e-30))
+
+
+def skip_without_kernels(precision_name):
+    """Skip the calling test, saying why, where TensorFlow has no kernel for `precision_name` in
+    this process (oneDNN capped below the CPU's own instructions: docs/architecture.md, "Testing")."""
+    problem = precision.kernel_problem(precision_name)
+    if problem:
+        pytest.skip(f"TensorFlow has no {precision_name} kernel in this process ({problem})")
 
 
 def parse_config(config_class, *args):

@@ -55,6 +55,8 @@ def test_convolution_rates_on_a_tiny_shape():
 def test_grouped_against_apart_on_a_tiny_shape():
     row = kernels.grouped_against_apart(batch=2, size=4, channels=4, experts=3, reps=1, pairs=2)
     assert row["shape"] == "4x4x4" and row["experts"] == 3
+    if "grouped_unavailable" in row:  # TensorFlow's own kernels: TF_ENABLE_ONEDNN_OPTS=0, some CPUs
+        pytest.skip(f"no grouped-convolution gradient kernel in this process ({row['grouped_unavailable']})")
     assert row["apart_ms"] > 0 and row["grouped_ms"] > 0
     assert row["loss_relative_difference"] < 1e-5  # one grouped convolution computes the three
 
@@ -64,12 +66,14 @@ def test_markdown_names_every_part_and_the_rest():
     result = {"matmul_peak_macs_per_s": 1e11,
               "convolutions": [{"shape": "4x4x8", "batch": 2, "forward": conv, "input gradient": conv,
                                 "weight gradient": conv}],
-              "grouped": [{"shape": "4x4x4", "experts": 3, "apart_ms": 3.0, "grouped_ms": 4.0}],
+              "grouped": [{"shape": "4x4x4", "experts": 3, "apart_ms": 3.0, "grouped_ms": 4.0},
+                          {"shape": "8x8x8", "experts": 3, "grouped_unavailable": "InvalidArgumentError: filter"}],
               "step": {"step_ms": 10.0, "step_ms_with_verbose": 11.0, "rest_ms": 2.0,
                        "onednn": {"convolution forward": {"ms": 8.0, "calls": 2, "multiply_adds": 4e8}}}}
     table = kernels.markdown(result)
     assert "| 4x4x8 | 1.00 ms, 50 (50 %) |" in table
     assert "| 4x4x4 x 3 | 3.0 | 4.0 | 0.75 |" in table
+    assert "| 8x8x8 x 3 | | no kernel: InvalidArgumentError: filter | |" in table
     assert "| convolution forward | 8.0 | 80 % | 2 | 50 |" in table
     assert "| the rest (TensorFlow's own ops, executor) | 2.0 | 20 % |" in table
 

@@ -7,12 +7,15 @@ import sys
 
 import pytest
 
+from conftest import skip_without_kernels
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_tiny_run_reports_every_phase_in_its_precision(tmp_path, precision):
+    skip_without_kernels(precision)
     output = tmp_path / "memory.json"
     result = subprocess.run(
         [sys.executable, "tools/benchmark_memory.py", "--backbone=resnet8", "--num_experts=2", "--batch_size=4",

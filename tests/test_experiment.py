@@ -18,7 +18,7 @@ from balpoe_tf import (callbacks, distribution, experiment, precision, reporting
                        run_precision, task)
 from balpoe_tf.config import RunError
 from balpoe_tf import data as lt_data
-from conftest import mock_imagenet_lt_records, parse_config
+from conftest import mock_imagenet_lt_records, parse_config, skip_without_kernels
 from image_corpus import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,9 +28,9 @@ TINY = ["--flagfile=configs/demo.flags", "--compare=", "--epochs=3", "--warmup_e
         "--eval_every=1", "--checkpoint_every=1", "--deterministic"]
 
 
-def run_cli(*args, timeout=900, tool="tools/train.py"):
-    """A tool run as a user runs it: TensorFlow's log level left to the tool."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+def run_cli(*args, timeout=900, tool="tools/train.py", **environment):
+    """A tool run as a user runs it: TensorFlow's log level left to the tool, `environment` added."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"} | environment
     return subprocess.run([sys.executable, tool, *args], cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=timeout)
 
@@ -132,6 +132,30 @@ def test_imagenet_lt_from_tfds_dry_run(tmp_path):
     assert any(line.startswith("dry run: batch (16, 32, 32, 3)") for line in logs), logs
 
 
+@pytest.mark.slow
+def test_bfloat16_under_a_capped_onednn_trains_or_is_refused_in_one_line(tmp_path):
+    # On an AVX-512 CPU TensorFlow sends bfloat16 to oneDNN, which the cap leaves without a kernel:
+    # refused. Where it has kernels (a CPU without AVX-512, TensorFlow's own kernels) it trains.
+    result = run_cli("--flagfile=configs/demo.flags", "--precision=mixed_bfloat16", "--dry_run",
+                     f"--output_dir={tmp_path}", ONEDNN_MAX_CPU_ISA="AVX2")
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if result.returncode == 2:
+        assert result.stderr.strip().splitlines()[-1].startswith(
+            "error: precision mixed_bfloat16: TensorFlow has no convolution kernel for it in this process"), \
+            result.stderr[-3000:]
+    else:
+        assert result.returncode == 0 and "dry run: batch" in result.stdout, result.stderr[-3000:]
+
+
+def test_auto_does_not_measure_a_precision_without_kernels(tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "kernel_problem", lambda name: "AbortedError: no primitive")
+    monkeypatch.setattr(precision, "measure_speeds", lambda *args: pytest.fail("measured a precision it cannot run"))
+    config = parse("--flagfile=configs/demo.flags", f"--output_dir={tmp_path}")
+    choice = run_precision.choose_precision(config, run_data.load_data(config), tf.distribute.get_strategy(), [],
+                                            {"avx512f", "avx512_bf16"})
+    assert (choice.precision, choice.how) == ("float32", "no candidate")
+
+
 def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path, monkeypatch):
     config = parse("--flagfile=configs/demo.flags", f"--output_dir={tmp_path}")
     data = run_data.load_data(config)
@@ -154,6 +178,7 @@ def test_auto_precision_resumes_a_run_in_the_precision_it_started_with(tmp_path,
 
 
 def test_training_warns_of_emulated_precision(monkeypatch, tmp_path):
+    skip_without_kernels("mixed_bfloat16")
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f"})
     config = parse("--flagfile=configs/demo.flags", "--precision=mixed_bfloat16", f"--output_dir={tmp_path}",
                    "--dry_run")
@@ -166,6 +191,7 @@ def test_training_warns_of_emulated_precision(monkeypatch, tmp_path):
 
 
 def test_auto_precision_is_measured_chosen_recorded_and_shared_with_the_baselines(monkeypatch, tmp_path):
+    skip_without_kernels("mixed_bfloat16")
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     monkeypatch.setattr(precision, "gpu_capabilities", lambda: [])
     measured = []
@@ -273,6 +299,14 @@ def test_json_files_are_standard_json(tmp_path):
     assert _strict_loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [1.0, None],
                                                                 "c": {"d": 0.5, "e": [None]}}
     assert reporting.percent(None) == "n/a"
+
+
+def test_a_benchmark_names_the_cpu_it_ran_on(tmp_path, capsys):
+    markdown = reporting.write_benchmark(str(tmp_path / "b.json"), {"date": "2026-12-06"}, ["| a |"])
+    assert json.loads((tmp_path / "b.json").read_text()) == {"cpu": precision.cpu_model(), "date": "2026-12-06"}
+    assert Path(markdown).read_text() == f"CPU: {precision.cpu_model()}\n\n| a |\n"
+    reporting.write_benchmark(str(tmp_path / "c.json"), {"cpu": "AMD EPYC (Zen 3)"}, [])  # measured elsewhere
+    assert json.loads((tmp_path / "c.json").read_text())["cpu"] == "AMD EPYC (Zen 3)"
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from balpoe_tf import data as lt_data, run_data
 from balpoe_tf.config import RunError
+from conftest import skip_without_kernels
 from balpoe_tf import (evaluation, experiment, export, models, precision, run_config, run_folder, settings,
                        task)
 from image_corpus import corpus
@@ -186,6 +187,7 @@ def _untrained_run(run_dir, precision):
 
 @pytest.mark.slow
 def test_a_bfloat16_run_ends_with_a_float32_saved_model(tmp_path):
+    skip_without_kernels("mixed_bfloat16")
     config = run_config.RunConfig(output_dir=str(tmp_path), dataset="digits", imbalance_ratio=10, augment="none",
                                   backbone="resnet8", epochs=1, batch_size=64, warmup_epochs=0, milestones=[],
                                   precision="mixed_bfloat16")
@@ -203,6 +205,7 @@ def test_a_bfloat16_run_ends_with_a_float32_saved_model(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_loads_in_its_precision_and_exports_in_float32_unless_told(tmp_path):
+    skip_without_kernels("mixed_bfloat16")
     saved = _untrained_run(tmp_path, "mixed_bfloat16")
     images = np.random.RandomState(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
     model, _ = run_folder.load_run(str(tmp_path))
@@ -229,6 +232,7 @@ def test_a_run_loads_in_its_precision_and_exports_in_float32_unless_told(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("speedup, chosen", [(1.8, "mixed_bfloat16"), (0.6, "float32")])
 def test_export_auto_serves_in_the_precision_measured_faster_here(tmp_path, monkeypatch, speedup, chosen):
+    skip_without_kernels("mixed_bfloat16")
     _untrained_run(tmp_path, "float32")
     monkeypatch.setenv("BALPOE_TF_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})

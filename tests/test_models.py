@@ -9,8 +9,9 @@ import pytest
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data
-from balpoe_tf import losses, models, task, training
-from conftest import synthetic_data
+from balpoe_tf import losses, models, precision, task, training
+from balpoe_tf.config import RunError
+from conftest import skip_without_kernels, synthetic_data
 
 
 def test_pad_shortcut_subsamples_and_pads_channels():
@@ -321,7 +322,8 @@ def test_resnext_ensemble_runs_small_images():
     assert out["expert_logits"].shape == (2, 2, 5)
 
 
-def test_precision_policy_holds_inside_the_block_and_is_restored_after_an_error():
+def test_precision_policy_holds_inside_the_block_and_is_restored_after_an_error(monkeypatch):
+    monkeypatch.setattr(precision, "kernel_problem", lambda name: "")  # the policy, whatever the kernels
     with pytest.raises(ValueError, match="inside"):
         with models.precision_policy("mixed_bfloat16"):
             assert keras.layers.Dense(2).compute_dtype == "bfloat16"
@@ -331,9 +333,23 @@ def test_precision_policy_holds_inside_the_block_and_is_restored_after_an_error(
         assert keras.layers.Dense(2).compute_dtype == "float32"
 
 
+def test_a_precision_without_kernels_is_refused_with_the_cause_and_the_fix(monkeypatch):
+    monkeypatch.setattr(precision, "kernel_problem", lambda name: "AbortedError: no primitive" * (name != "float32"))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    with pytest.raises(RunError, match=r"^precision mixed_bfloat16: TensorFlow has no convolution kernel for it in "
+                                       r"this process \(AbortedError: no primitive\); ONEDNN_MAX_CPU_ISA=AVX2 caps "
+                                       r"oneDNN .* unset it, or use --precision=float32$"):
+        with models.precision_policy("mixed_bfloat16"):
+            pass
+    assert keras.mixed_precision.global_policy().name == "float32"
+    with models.precision_policy("float32"):
+        assert keras.layers.Dense(2).compute_dtype == "float32"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_keeps_the_loss_in_float32(policy):
+    skip_without_kernels(policy)
     with models.precision_policy(policy):
         data = synthetic_data()
         model = task.BalPoEModel(data.num_classes, 2, "resnet8", input_shape=data.image_shape)

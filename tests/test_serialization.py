@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from balpoe_tf import losses, metrics, models, task, training
+from conftest import assert_float32_close
 
 RNG = np.random.RandomState(0)
 
@@ -107,11 +108,11 @@ def test_a_network_alone_round_trips(tmp_path):
     network.save(tmp_path / "network.keras")
     loaded = keras.saving.load_model(tmp_path / "network.keras")
     assert type(loaded) is models.BalPoENetwork
-    np.testing.assert_allclose(loaded(images)["logits"], network(images)["logits"], atol=1e-6)
+    assert_float32_close(loaded(images)["logits"], network(images)["logits"])
     # The task is the network with training: its forward pass is the network's.
     model = task.BalPoEModel.from_config(network.get_config())
     model.set_weights(network.get_weights())
-    np.testing.assert_allclose(model(images)["expert_logits"], network(images)["expert_logits"], atol=1e-6)
+    assert_float32_close(model(images)["expert_logits"], network(images)["expert_logits"])
 
 
 def test_a_checkpoint_written_before_the_task_split_loads():
@@ -124,8 +125,9 @@ def test_a_checkpoint_written_before_the_task_split_loads():
     model = run_folder.load_model_file(str(fixtures / "balpoe_model_before_task_split.keras"))
     assert type(model) is task.BalPoEModel and model.num_experts == 2
     out = model(expected["images"], training=False)
-    np.testing.assert_allclose(out["logits"], expected["logits"], atol=1e-6)
-    np.testing.assert_allclose(out["expert_logits"], expected["expert_logits"], atol=1e-6)
+    # Written on another machine: equal up to float32 rounding, not to the bit.
+    assert_float32_close(out["logits"], expected["logits"])
+    assert_float32_close(out["expert_logits"], expected["expert_logits"])
     assert int(model.optimizer.iterations) == int(expected["iterations"]) == 2  # the optimizer state too
     assert model.balpoe_loss.lambdas == [1.0, -1.0] and model.mixup_alpha == 0.4
 

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from balpoe_tf import reporting  # noqa: E402  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
+from balpoe_tf import precision, reporting  # noqa: E402  (sets TF_ENABLE_ONEDNN_OPTS before TensorFlow loads)
 
 flags.DEFINE_integer("batch", 128, "Batch size of the convolutions alone.")
 flags.DEFINE_integer("reps", 20, "Calls per timed run of a convolution alone.")
@@ -117,8 +117,10 @@ def convolution_rates(batch, size, channels, reps):
 
 def grouped_against_apart(batch, size, channels, experts, reps, pairs=4):
     """Forward and both gradients of `experts` convolutions run apart against one grouped
-        convolution over their stacked channels; median ms of alternating runs, and how far apart the
-    two computations' losses are (the same maths: float rounding only)."""
+    convolution over their stacked channels; median ms of alternating runs, and how far apart the
+    two computations' losses are (the same maths: float rounding only). Where TensorFlow has no
+    kernel for a grouped convolution's gradients (its own kernels have none: TF_ENABLE_ONEDNN_OPTS=0,
+    and CPUs on which it does not use oneDNN's), the row says so in "grouped_unavailable"."""
     import numpy as np
     import tensorflow as tf
 
@@ -137,14 +139,18 @@ def grouped_against_apart(batch, size, channels, experts, reps, pairs=4):
     # Nothing for AutoGraph to convert; it would only warn that it cannot read the lambdas.
     apart = tf.function(lambda: forward_and_gradients(xs, kernels), autograph=False)
     grouped = tf.function(lambda: forward_and_gradients([stacked_x], [grouped_kernel]), autograph=False)
+    row = {"shape": f"{size}x{size}x{channels}", "experts": experts, "batch": batch}
+    try:
+        grouped()
+    except tf.errors.OpError as e:
+        return {**row, "grouped_unavailable": precision.op_error_text(e)}
     ms = {"apart": [], "grouped": []}
     for i in range(pairs):
         for name, fn in (("apart", apart), ("grouped", grouped)) if i % 2 == 0 else (("grouped", grouped),
                                                                                       ("apart", apart)):
             ms[name].append(1e3 * _median_seconds(fn, reps, runs=3))
     apart_loss, grouped_loss = float(apart()[0]), float(grouped()[0])
-    return {"shape": f"{size}x{size}x{channels}", "experts": experts, "batch": batch,
-            "apart_ms": statistics.median(ms["apart"]), "grouped_ms": statistics.median(ms["grouped"]),
+    return {**row, "apart_ms": statistics.median(ms["apart"]), "grouped_ms": statistics.median(ms["grouped"]),
             "loss_relative_difference": abs(apart_loss - grouped_loss) / abs(apart_loss)}
 
 
@@ -205,6 +211,8 @@ def markdown(result):
                  for r in result["convolutions"]]),
              "", *reporting.markdown_table(
                  ["shape", "experts apart, ms", "one grouped convolution, ms", "apart / grouped"], [
+                     [f"{r['shape']} x {r['experts']}", "", f"no kernel: {r['grouped_unavailable']}", ""]
+                     if "grouped_unavailable" in r else
                      [f"{r['shape']} x {r['experts']}", f"{r['apart_ms']:.1f}", f"{r['grouped_ms']:.1f}",
                       f"{r['apart_ms'] / r['grouped_ms']:.2f}"] for r in result["grouped"]])]
     step = result.get("step")

@@ -26,7 +26,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from balpoe_tf import data as lt_data  # noqa: E402
-from balpoe_tf import models, run_config, run_data, task  # noqa: E402
+from balpoe_tf import models, precision, run_config, run_data, task  # noqa: E402
 
 flags.DEFINE_string("backbone", "resnet50", "Backbone.")
 flags.DEFINE_integer("num_experts", 3, "Experts.")
@@ -61,8 +61,9 @@ def write_jpegs(root, num_images, num_classes):
 
 def main(argv):
     del argv
-    result = {"backbone": FLAGS.backbone, "num_experts": FLAGS.num_experts, "batch_size": FLAGS.batch_size,
-              "image_size": FLAGS.image_size, "steps": FLAGS.steps, "start_mib": peak_rss_mib()}
+    result = {"cpu": precision.cpu_model(), "backbone": FLAGS.backbone, "num_experts": FLAGS.num_experts,
+              "batch_size": FLAGS.batch_size, "image_size": FLAGS.image_size, "steps": FLAGS.steps,
+              "start_mib": peak_rss_mib()}
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, FLAGS.batch_size * 2, FLAGS.num_classes)
         config = run_config.RunConfig(

@@ -1,12 +1,14 @@
 """What `--precision=auto` decides on this machine, and what deciding costs.
 
     python tools/benchmark_precision.py [--flagfiles=configs/demo.flags,configs/cifar100_ir100.flags] \\
-        [--json=benchmarks/precision_auto.json]
+        [--json=benchmarks/precision_auto.json] [--output_dir=RUN]
 
 For each flag file: its run's data (CIFAR, which tests and this tool do not download, is
 replaced by generated images of CIFAR's shape with the run's long-tailed class counts), then
-`run_precision.choose_precision` as `tools/train.py` calls it, timed twice: with an empty cache
-(the first run of this model on this machine: measuring) and again (cached). Writes JSON and a
+`run_precision.choose_precision` as `tools/train.py` calls it for a new run, timed twice: with an
+empty cache (the first run of this model on this machine: measuring) and again (cached). The run
+folder is a new temporary one unless `--output_dir` names one: a run the flag file's own
+`--output_dir` holds (README's finished demo, say) is neither read nor written. Writes JSON and a
 Markdown table beside it.
 """
 
@@ -31,6 +33,8 @@ from balpoe_tf import data as lt_data  # noqa: E402
 
 flags.DEFINE_list("flagfiles", ["configs/demo.flags", "configs/cifar100_ir100.flags"], "Runs to decide for.")
 flags.DEFINE_string("json", "benchmarks/precision_auto.json", "Where the JSON goes (and .md beside it).")
+flags.DEFINE_string("output_dir", "", "The run folder to decide for (a run there resumes in its own precision); "
+                                      "default: a new temporary one, whatever the flag files say.")
 FLAGS = flags.FLAGS
 
 # Sources not on this machine: (classes, training images per class, image shape).
@@ -57,7 +61,8 @@ def decide(flagfile: str) -> dict:
     data = load(config)
     strategy, gpus, cpu = tf.distribute.get_strategy(), precision.gpu_capabilities(), precision.cpu_flags()
     row = {"flagfile": flagfile, "data": data.name, "training_images": len(data.train), "epochs": config.epochs}
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as run:
+        config = dataclasses.replace(config, output_dir=FLAGS.output_dir or run)
         os.environ["BALPOE_TF_CACHE_DIR"] = cache
         for when in ("first", "cached"):
             start = time.perf_counter()

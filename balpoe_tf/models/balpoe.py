@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
+from balpoe_tf import precision
 from balpoe_tf.models.cifar_resnet import cifar_resnet
 from balpoe_tf.models.imagenet_resnet import imagenet_resnet
 
@@ -122,9 +123,13 @@ def precision_policy(name: str):
 
     Args:
         name: a Keras policy ("float32", "mixed_bfloat16", ...); "" keeps the current one.
+
+    Raises:
+        RunError: TensorFlow has no kernel for `name` in this process (`precision.kernel_problem`).
     """
     previous = keras.mixed_precision.global_policy()
     if name:
+        precision.require_kernels(name)
         keras.mixed_precision.set_global_policy(name)
     try:
         yield
