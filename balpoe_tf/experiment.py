@@ -12,7 +12,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from balpoe_tf import __version__, distribution, export, label_shift, models, preemption, run_precision, task
+from balpoe_tf import (__version__, distribution, export, label_shift, models, preemption, pretrained, run_precision,
+                       task)
 from balpoe_tf import data as lt_data
 from balpoe_tf import precision as precision_lib
 from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard, ProgressLine, write_final_metrics
@@ -25,13 +26,16 @@ from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, DataR
 
 
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.BalPoEModel,
-                     steps_per_epoch: int, choice: precision_lib.PrecisionChoice) -> RunRecord:
+                     steps_per_epoch: int, choice: precision_lib.PrecisionChoice,
+                     init: Optional[pretrained.InitReport] = None) -> RunRecord:
     """Write flags.txt (a re-runnable flag file) and config.json (`RunRecord`: settings, data,
-    how the precision was chosen, schedule, optimizer, model); returns the record."""
+    how the precision was chosen, what --init_from loaded, schedule, optimizer, model); returns
+    the record."""
     folder = RunFolder(config.output_dir)
     os.makedirs(folder.path, exist_ok=True)
     schedule = task.lr_schedule(model)
-    saved = read_record(folder.path) if choice.how == "resumed" else None
+    previous = read_record(folder.path)
+    saved = previous if choice.how == "resumed" else None
     record = RunRecord(
         config=dataclasses.asdict(config),
         data=DataRecord(
@@ -43,6 +47,8 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.B
             left_out=[{"path": path, "reason": reason} for path, reason in data.left_out]),
         # A resumed run keeps the measurement its precision came from.
         precision_choice=saved.precision_choice if saved and saved.precision_choice else choice.to_dict(),
+        # A resumed run loaded nothing now: it keeps the report of its start.
+        init_from=init.to_dict() if init else (previous.init_from if previous and config.init_from else {}),
         steps_per_epoch=steps_per_epoch,
         lr_by_epoch=[float(schedule.epoch_lr(e)) for e in range(config.epochs)],
         optimizer=keras.saving.serialize_keras_object(model.optimizer),
@@ -153,11 +159,14 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
     with strategy.scope():
         start, model = ((0, 0), None) if config.dry_run else load_latest_checkpoint(
             chief_dir, log, rename_unreadable=chief_dir == config.output_dir)
+        init = []  # the report of --init_from, for a new run that has one
         if model is None:
-            model = task.build_model(config, data, steps)
+            model = task.build_model(config, data, steps, _initialise(config.init_from, init.append))
     schedule = task.lr_schedule(model)
     log(f"model {config.backbone} x {config.num_experts} experts, lambdas {config.lambdas}, "
         f"{models.count_params(model):,} parameters; {steps} steps/epoch")
+    if init:
+        log(init[0].summary())
 
     test_batch = test_batch_size(config)
     test_ds = lt_data.test_pipeline(data, test_batch)
@@ -169,7 +178,7 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
             f"test-batch accuracy {test_logs['accuracy']:.4f}")
         return {}
 
-    record = write_run_record(config, data, model, steps, choice)
+    record = write_run_record(config, data, model, steps, choice, init[0] if init else None)
     results = {}
     if start < (config.epochs, 0):
         log_dir = folder.tensorboard
@@ -214,6 +223,19 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
         path = export.export_run(served, record, folder.export, calibration=calibration)
         log(f"SavedModel for TF Serving: {path} (computes in float32)")
     return results
+
+
+def _initialise(init_from: str, report: Callable[[pretrained.InitReport], None]):
+    """`build_model`'s `initialise` for `--init_from` (None without one), telling `report` what it loaded."""
+    if not init_from:
+        return None
+
+    def initialise(model):
+        loaded = pretrained.initialise(model, init_from)
+        report(loaded)
+        return loaded.pretrained
+
+    return initialise
 
 
 def _fit_ranges(start, epochs: int) -> list:

@@ -108,6 +108,10 @@ class RunConfig:
                                          "when there are several), mirrored, multi_worker (from TF_CONFIG) "
                                          "or none.", one_of(STRATEGIES))
     sync_bn: bool = config_field(False, "Synchronise batch-norm statistics across replicas.")
+    init_from: str = config_field("", "Start from a trained network instead of random weights: a run folder or "
+                                      ".keras file of tools/train.py, or a .weights.h5 file of a BalPoE network, "
+                                      "with the same --backbone. Its trunk and experts' stages are loaded where "
+                                      "the shapes match; the classifiers are always new.")
     # Optimisation.
     epochs: int = config_field(200, "Training epochs.", at_least(1))
     batch_size: int = config_field(128, "Global batch size.", at_least(1))
@@ -122,6 +126,11 @@ class RunConfig:
                                        at_least(0))
     momentum: float = config_field(0.9, "SGD momentum.", between(0, 1, open_high=True))
     nesterov: bool = config_field(True, "Nesterov momentum (needs --momentum > 0).")
+    pretrained_lr_factor: float = config_field(1.0, "With --init_from: the learning rate of the loaded weights "
+                                                    "is --lr times this (the classifiers and anything not "
+                                                    "loaded train at --lr).", at_least(0))
+    frozen_epochs: int = config_field(0, "With --init_from: the loaded weights are not updated during this many "
+                                         "epochs at the start (the classifiers train alone).", at_least(0))
     mixup_alpha: float = config_field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.",
                                       either(0, greater_than(0), "no mixup"))
     seed: int = config_field(1, "Seed of initialisation, shuffling, augmentation and mixup.", at_least(0))
@@ -163,6 +172,16 @@ class RunConfig:
                 problems.append(problem("milestones", self.milestones,
                                         f"strictly increasing epochs below --epochs={self.epochs}"))
                 fixes.append(f"--milestones={','.join(map(str, below))}")
+        if not self.init_from:
+            unused = [(name, default) for name, default in (("pretrained_lr_factor", 1.0), ("frozen_epochs", 0))
+                      if getattr(self, name) != default and name not in invalid]
+            problems += [problem(name, getattr(self, name), f"{default} without --init_from (nothing is pretrained)")
+                         for name, default in unused]
+            fixes += ["--init_from=RUN_FOLDER"] if unused else []
+        elif self.frozen_epochs >= self.epochs and not invalid & {"frozen_epochs", "epochs"}:
+            problems.append(problem("frozen_epochs", self.frozen_epochs, f"below --epochs={self.epochs} (the "
+                                    "pretrained weights would never train)"))
+            fixes.append(f"--frozen_epochs={self.epochs // 10}")
         if self.nesterov and self.momentum == 0 and "momentum" not in invalid:
             problems.append(problem("momentum", self.momentum, "> 0 with --nesterov (or pass --nonesterov)"))
             fixes.append("--nonesterov")

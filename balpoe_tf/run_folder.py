@@ -76,6 +76,7 @@ class RunRecord:
     config: dict
     data: DataRecord
     precision_choice: dict = dataclasses.field(default_factory=dict)
+    init_from: dict = dataclasses.field(default_factory=dict)  # what --init_from loaded (`pretrained.InitReport`)
     steps_per_epoch: int = 0
     lr_by_epoch: list = dataclasses.field(default_factory=list)
     optimizer: dict = dataclasses.field(default_factory=dict)

@@ -149,13 +149,22 @@ def make_schedule(config: RunConfig, steps_per_epoch: int):
     return training.EpochCosineSchedule(config.lr, steps_per_epoch, config.epochs, config.warmup_epochs)
 
 
-def build_model(config: RunConfig, data, steps_per_epoch: int) -> "BalPoEModel":
+def build_model(config: RunConfig, data, steps_per_epoch: int, initialise=None) -> "BalPoEModel":
     """A compiled BalPoE model for `config` and `data` (a `data.LabeledData`: classes, image
-    shape, training counts); call it inside the strategy scope."""
+    shape, training counts); call it inside the strategy scope.
+
+    Args:
+        config, data, steps_per_epoch: the run's settings, data and steps per epoch.
+        initialise: `model -> indices` that loads pretrained weights into the new model and
+            returns their indices in its `trainable_variables`, which then train with
+            `--pretrained_lr_factor` after `--frozen_epochs` (e.g. `pretrained.initialise`).
+    """
     model = BalPoEModel(data.num_classes, config.num_experts, config.backbone, config.scale,
                         input_shape=data.image_shape, sync_bn=config.sync_bn)
+    pretrained = initialise(model) if initialise else ()
     optimizer = training.SGDWithL2(make_schedule(config, steps_per_epoch), config.momentum,
-                                   config.nesterov, config.weight_decay)
+                                   config.nesterov, config.weight_decay, pretrained, config.pretrained_lr_factor,
+                                   config.frozen_epochs * steps_per_epoch)
     if config.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     loss = losses.LogitAdjustedLoss(data.train_counts(), config.lambdas, config.target_mean_lambda)

@@ -27,18 +27,29 @@ class SGDWithL2(keras.optimizers.Optimizer):
     Keras' own SGD keeps `lr * g` in its velocity, which differs from this after a
     learning-rate change, and its `weight_decay` is decoupled, so it is not used.
 
+    Fine-tuning: the `pretrained` variables' `g` (L2 included) is multiplied by 0 during the
+    first `frozen_steps` steps, then by `pretrained_lr_factor`. With the momentum buffer starting
+    at zero this is the same as their learning rate times that factor, and frozen means frozen:
+    nothing accumulates in the buffer to move them later.
+
     Args:
         learning_rate: float or schedule.
         momentum: momentum factor.
         nesterov: Nesterov momentum.
         l2: L2 weight-decay coefficient, applied to every variable (as the reference,
             which decays BN and classifier weights too).
+        pretrained: indices, in the variables the optimizer is built with, of the pretrained ones.
+        pretrained_lr_factor: their learning-rate factor once unfrozen.
+        frozen_steps: steps at the start during which they are not updated.
     """
 
-    def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=5e-4,
-                 name="sgd_with_l2", **kwargs):
+    def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=5e-4, pretrained=(),
+                 pretrained_lr_factor=1.0, frozen_steps=0, name="sgd_with_l2", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum, self.nesterov, self.l2 = float(momentum), bool(nesterov), float(l2)
+        self.pretrained = sorted(int(i) for i in pretrained)
+        self.pretrained_lr_factor, self.frozen_steps = float(pretrained_lr_factor), int(frozen_steps)
+        self._pretrained = set(self.pretrained)
 
     def build(self, variables):
         if self.built:
@@ -51,6 +62,9 @@ class SGDWithL2(keras.optimizers.Optimizer):
         g = ops.cast(gradient, variable.dtype)
         if self.l2:
             g = g + self.l2 * variable
+        if self._pretrained and self._get_variable_index(variable) in self._pretrained:
+            factor = ops.where(self.iterations < self.frozen_steps, 0.0, self.pretrained_lr_factor)
+            g = g * ops.cast(factor, variable.dtype)
         if not self.momentum:
             self.assign_sub(variable, lr * g)
             return
@@ -63,8 +77,9 @@ class SGDWithL2(keras.optimizers.Optimizer):
                                          use_nesterov=self.nesterov)
 
     def get_config(self):
-        return {**super().get_config(), "momentum": self.momentum,
-                "nesterov": self.nesterov, "l2": self.l2}
+        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov, "l2": self.l2,
+                "pretrained": self.pretrained, "pretrained_lr_factor": self.pretrained_lr_factor,
+                "frozen_steps": self.frozen_steps}
 
 
 class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):

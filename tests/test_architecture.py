@@ -19,7 +19,7 @@ LAYERS = [
      "cli"],
     ["run_data"],
     ["run_folder"],
-    ["run_precision", "export", "callbacks"],
+    ["run_precision", "export", "callbacks", "pretrained"],
     ["experiment"],
     ["evaluation", "inference"],
     ["reproduction"],

@@ -32,6 +32,22 @@ def test_sgd_momentum_buffer_is_lr_free():
     np.testing.assert_allclose(_sgd_steps([0.1, 0.01]), [0.886, 0.886 - 0.01 * 1.60434], atol=1e-6)
 
 
+def test_sgd_freezes_the_pretrained_variables_then_scales_their_step():
+    pretrained, fresh = tf.Variable([1.0]), tf.Variable([1.0])
+    opt = training.SGDWithL2(0.1, momentum=0.9, nesterov=True, l2=0.1, pretrained=[0], pretrained_lr_factor=0.5,
+                             frozen_steps=2)
+    for _ in range(2):
+        opt.apply_gradients([(tf.constant([0.5]), pretrained), (tf.constant([0.5]), fresh)])
+    # Frozen: not moved, L2 included, and nothing left in its momentum buffer to move it later.
+    assert float(pretrained.numpy()[0]) == 1.0 and float(opt.buffers[0].numpy()[0]) == 0.0
+    np.testing.assert_allclose(fresh.numpy(), [0.725566], atol=1e-6)  # as test_sgd_matches_pytorch_by_hand
+    opt.apply_gradients([(tf.constant([0.5]), pretrained), (tf.constant([0.5]), fresh)])
+    # First step of its own at half the learning rate: g = 0.6 * 0.5, w = 1 - 0.1 * (0.3 + 0.9 * 0.3)
+    np.testing.assert_allclose(pretrained.numpy(), [1 - 0.1 * 0.57], atol=1e-6)
+    config = opt.get_config()
+    assert (config["pretrained"], config["pretrained_lr_factor"], config["frozen_steps"]) == ([0], 0.5, 2)
+
+
 def test_sgd_without_momentum_or_nesterov():
     var = tf.Variable([2.0])
     training.SGDWithL2(0.5, momentum=0.0, l2=0.0).apply_gradients([(tf.constant([1.0]), var)])

@@ -1,0 +1,172 @@
+"""Starting a run from what a network already knows (`--init_from`): the trunk and the experts'
+stages of a trained BalPoE network copied into a new one, tensor by tensor where the shapes
+match; the cosine classifiers are always new (the classes are others).
+
+Sources: a run folder of tools/train.py (its final model, else its newest checkpoint), a
+`.keras` file of a BalPoE network or model, or a `.weights.h5` file written by
+`save_weights` of one. Source and run must have the same `--backbone`: the tensors are paired by
+their place in the trunk and in each expert, which only the same architecture makes meaningful.
+Expert m of the run starts from expert m of the source, or from expert m mod M' when the source
+has fewer (M'), so that a one-expert network seeds every expert.
+"""
+
+import dataclasses
+import os
+from typing import List, Tuple
+
+import numpy as np
+
+from balpoe_tf.config import RunError
+from balpoe_tf.models import BalPoENetwork
+from balpoe_tf.run_folder import latest_checkpoint, load_model_file, read_record, RunFolder
+
+# A source that fills less than this share of the run's parameters outside the classifiers is
+# refused: it is almost certainly not the network meant.
+MIN_LOADED_SHARE = 0.5
+
+# How many tensors left at their initial values a report names.
+NAMED = 5
+
+
+@dataclasses.dataclass
+class InitReport:
+    """What `--init_from` loaded.
+
+    Attributes:
+        source: the file the weights came from.
+        loaded_tensors, loaded_params: what was copied.
+        total_tensors, total_params: the run's tensors outside the classifiers.
+        left: (tensor, why) of each one left at its initial value (shape, missing in the source).
+        pretrained: indices, in the model's `trainable_variables`, of the tensors copied: the
+            part `--pretrained_lr_factor` and `--frozen_epochs` act on.
+    """
+
+    source: str
+    loaded_tensors: int
+    loaded_params: int
+    total_tensors: int
+    total_params: int
+    left: List[Tuple[str, str]]
+    pretrained: List[int]
+
+    def summary(self) -> str:
+        """One line for the run's log."""
+        left = (f"; {len(self.left)} left at their initial values: "
+                + ", ".join(f"{name} ({why})" for name, why in self.left[:NAMED])
+                + (" ..." if len(self.left) > NAMED else "")) if self.left else ""
+        return (f"init_from {self.source}: loaded {self.loaded_tensors} of {self.total_tensors} tensors, "
+                f"{self.loaded_params:,} of {self.total_params:,} parameters outside the classifiers (new: "
+                f"other classes){left}")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "pretrained"} | {
+            "left": [{"tensor": name, "why": why} for name, why in self.left]}
+
+
+def _source_file(path: str) -> str:
+    """The model file `path` names: itself, or a run folder's final model or newest checkpoint."""
+    if os.path.isdir(path):
+        folder = RunFolder(path)
+        if read_record(path) is None:
+            raise RunError(f"--init_from={path} is a folder without a run's config.json: pass a run folder of "
+                           "tools/train.py, a .keras file or a .weights.h5 file")
+        if os.path.isfile(folder.model):
+            return folder.model
+        _, checkpoint = latest_checkpoint(path)
+        if checkpoint is None:
+            raise RunError(f"--init_from={path} holds no trained model yet (no model.keras, no checkpoint)")
+        return checkpoint
+    if not os.path.isfile(path):
+        raise RunError(f"--init_from={path} does not exist: pass a run folder of tools/train.py, a .keras file "
+                       "or a .weights.h5 file")
+    return path
+
+
+def _from_weights_file(path: str, like: BalPoENetwork) -> BalPoENetwork:
+    """The BalPoE network whose `save_weights` wrote `path`, with the backbone of `like` (its
+    experts and classes read from the file)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            names = []
+            f.visititems(lambda name, item: names.append((name, item.shape)) if hasattr(item, "shape") else None)
+    except OSError as e:
+        raise RunError(f"--init_from={path} is not a readable weights file ({e})") from None
+    experts = {name.split("/")[1] for name, _ in names if name.startswith("experts/")}
+    classifiers = [shape for name, shape in names if name.startswith("experts/") and "/classifier/" in name]
+    if not experts or not classifiers:
+        raise RunError(f"--init_from={path} holds no BalPoE network's weights (no experts with classifiers)")
+    network = BalPoENetwork(classifiers[0][-1], len(experts), like.backbone, like.scale, like.image_shape)
+    try:
+        network.load_weights(path)
+    except Exception as e:  # Keras names a mismatch in several error types
+        raise RunError(f"--init_from={path} does not hold the weights of a {like.backbone} BalPoE network "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): pass weights saved from a network "
+                       "with this run's --backbone") from None
+    return network
+
+
+def load_source(path: str, like: BalPoENetwork) -> Tuple[str, BalPoENetwork]:
+    """(file, network) that `--init_from=path` names, checked to have the backbone of `like`."""
+    source = _source_file(path)
+    if source.endswith(".weights.h5"):
+        network = _from_weights_file(source, like)
+    else:
+        network = load_model_file(source)
+    if not isinstance(network, BalPoENetwork):
+        raise RunError(f"--init_from={path}: {source} holds a {type(network).__name__}, not a BalPoE network")
+    if network.backbone != like.backbone:
+        raise RunError(f"--init_from={path} is a {network.backbone} network and this run's --backbone is "
+                       f"{like.backbone}: pass --backbone={network.backbone}, or a source of {like.backbone}")
+    return source, network
+
+
+def _body(part):
+    """A trunk's or expert's weights without its classifier's."""
+    classifier = getattr(part, "classifier", None)
+    skip = {id(w) for w in classifier.weights} if classifier is not None else set()
+    return [w for w in part.weights if id(w) not in skip]
+
+
+def copy_weights(source: BalPoENetwork, target: BalPoENetwork, source_name: str) -> InitReport:
+    """Copy the trunk and each expert's stages of `source` into `target` where shapes match
+    (expert m from expert m mod M'), and report what was copied."""
+    pairs = [(_body(source.trunk), _body(target.trunk))]
+    pairs += [(_body(source.experts[m % len(source.experts)]), _body(expert))
+              for m, expert in enumerate(target.experts)]
+    trainable = {id(v): i for i, v in enumerate(target.trainable_variables)}
+    loaded, left, pretrained, total = 0, [], [], 0
+    for from_weights, to_weights in pairs:
+        for i, weight in enumerate(to_weights):
+            size = int(np.prod(weight.shape))
+            total += size
+            name = weight.path.split("/", 1)[-1]  # without the model's name
+            if i >= len(from_weights):
+                left.append((name, "missing in the source"))
+            elif tuple(from_weights[i].shape) != tuple(weight.shape):
+                left.append((name, f"shape {tuple(from_weights[i].shape)} in the source, {tuple(weight.shape)} here"))
+            else:
+                weight.assign(from_weights[i].numpy())
+                loaded += size
+                if id(weight) in trainable:
+                    pretrained.append(trainable[id(weight)])
+    tensors = sum(len(to) for _, to in pairs)
+    return InitReport(source_name, tensors - len(left), loaded, tensors, total, left, sorted(pretrained))
+
+
+def initialise(model: BalPoENetwork, path: str) -> InitReport:
+    """Start `model` from `--init_from=path` (see the module's docstring).
+
+    Raises:
+        RunError: `path` is not a usable source, or fills less than `MIN_LOADED_SHARE` of the
+            model's parameters outside the classifiers (naming the first mismatches).
+    """
+    source_name, source = load_source(path, model)
+    report = copy_weights(source, model, source_name)
+    if report.loaded_params < MIN_LOADED_SHARE * report.total_params:
+        raise RunError(f"--init_from={path} fills only {report.loaded_params:,} of {report.total_params:,} "
+                       "parameters outside the classifiers; first mismatches: "
+                       + "; ".join(f"{name}: {why}" for name, why in report.left[:NAMED])
+                       + ". Pass a source with this run's --backbone and image channels")
+    return report
