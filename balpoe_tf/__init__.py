@@ -6,6 +6,7 @@ import it before `tensorflow` or `keras`.
 
 import contextlib
 import os
+import signal
 import sys
 
 # Keras 3 picks its backend at import time; the custom train_step is TensorFlow.
@@ -48,10 +49,24 @@ def quiet_native_stderr():
         os.close(null)
 
 
+def _stop_while_starting(stderr: int):
+    """A SIGINT handler that ends the process with one line on file descriptor `stderr` (the
+    terminal's, which `quiet_native_stderr` may have pointed elsewhere meanwhile)."""
+    def stop(signum, frame):
+        os.write(stderr, b"stopped by SIGINT (Ctrl-C) while starting: nothing was done\n")
+        os._exit(128 + signum)  # at once: unwinding a half-done import would print its traceback
+
+    return stop
+
+
 def import_tensorflow_quietly():
     """Import TensorFlow for a command-line tool without its C++ start-up lines (among them
     a CUDA error on every machine without a GPU), unless the user asked for logs: then
-    with every level of them (or the level TF_CPP_MIN_LOG_LEVEL sets)."""
+    with every level of them (or the level TF_CPP_MIN_LOG_LEVEL sets).
+
+    Until the tool starts (`cli.run_tool`), Ctrl-C ends it with one line and exit code 130:
+    loading TensorFlow takes seconds, and a KeyboardInterrupt there is a page of traceback."""
+    signal.signal(signal.SIGINT, _stop_while_starting(os.dup(2)))
     if not logs_wanted():
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     elif _USER_TF_LOG_LEVEL is None:

@@ -148,6 +148,9 @@ def run_tool(config_classes, fn):
 
     def main(argv):
         del argv  # parse_flags refused positional arguments
+        # From here a KeyboardInterrupt is reported as one line (`_run_reporting_errors`), and a
+        # training run watches the signal itself (`preemption.watching`).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         warnings.formatwarning = _one_line_warning
         if not FLAGS["verbosity"].present:
             # TensorFlow's INFO lines (SavedModel assets, tf.data) would bury the progress lines.

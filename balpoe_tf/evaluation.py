@@ -418,10 +418,10 @@ def check_same_test_data(data: lt_data.LabeledData, record: run_folder.RunRecord
         raise lt_data.DataError(f"the data loaded now ({data.name}) has {data.num_classes} classes, {run_dir} was "
                                 f"trained on {num_classes}: check the data flags")
     if saved and now != saved:
+        changes = run_folder.split_changes(run_dir, "test", data.test, data.class_names)
         raise lt_data.DataError(f"the test data loaded now ({data.name}, {len(data.test)} images) is not the test "
-                                f"data {run_dir} was evaluated on at training: fingerprint {now} now, {saved} in its "
-                                "config.json (labels and images are compared, not only class counts): check "
-                                "--data_path / --data_root / --data_dir")
+                                f"data {run_dir} was evaluated on at training: {changes} (fingerprint {now} now, "
+                                f"{saved} in its config.json): check --data_path / --data_root / --data_dir")
     if not saved and data.train_counts().tolist() != record.data.train_counts:
         raise lt_data.DataError(f"the data loaded now ({data.name}, {data.num_classes} classes) is not the data "
                                 f"{run_dir} was trained on: check the data flags")

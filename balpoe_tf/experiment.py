@@ -2,6 +2,7 @@
 calibration on the held-out split and export (the strategy is `distribution`'s, the precision
 `run_precision`'s)."""
 
+import collections
 import dataclasses
 import os
 import subprocess
@@ -17,12 +18,13 @@ from balpoe_tf import (__version__, distribution, export, label_shift, models, p
 from balpoe_tf import data as lt_data
 from balpoe_tf import precision as precision_lib
 from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard, ProgressLine, write_final_metrics
-from balpoe_tf.reporting import format_table, reliability_diagram_png, write_json
+from balpoe_tf.reporting import format_table, reliability_diagram_png, write_atomic, write_json
 from balpoe_tf.run_config import baseline_config, config_to_flags, quick_config, RUN_CONTROL, RunConfig, test_batch_size
 from balpoe_tf.run_data import load_data
-from balpoe_tf.run_folder import (check_run_folder, check_writable_folder, DataRecord, describe_position,
+from balpoe_tf.run_folder import (check_run_folder, check_same_training_data, check_writable_folder, DataRecord, describe_position,
                                   finished_results, latest_checkpoint, load_latest_checkpoint, load_model_file,
-                                  read_record, resumed_run_settings, RunFolder, RunRecord)
+                                  missing_artefacts, read_record, remove_partial_files, resumed_run_settings, RunFolder, RunRecord,
+                                  save_atomic, write_data_files)
 
 
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.BalPoEModel,
@@ -56,6 +58,7 @@ def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.B
         versions={"tensorflow": tf.__version__, "keras": keras.__version__, "balpoe_tf": __version__,
                   "commit": source_commit()})
     write_json(folder.config, record.to_dict(), default=str)
+    write_data_files(folder.path, data)
     with open(folder.flags, "w") as f:
         f.write(config_to_flags(config))
     return record
@@ -112,7 +115,8 @@ def _train(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[s
     check_writable_folder(config.output_dir, "output_dir")
     if not config.dry_run:
         check_run_folder(config)
-        finished = finished_results(config.output_dir, config.epochs)
+        remove_partial_files(config.output_dir)
+        finished = finished_results(config)
         if finished is not None:
             log(f"{config.output_dir} has finished all {config.epochs} epochs (balanced accuracy "
                 f"{100 * finished.get('accuracy', float('nan')):.1f} %): nothing to do. tools/evaluate.py evaluates "
@@ -123,6 +127,10 @@ def _train(config: RunConfig, strategy: tf.distribute.Strategy, log: Callable[[s
     data = load_data(config, None if config.dry_run else RunFolder(config.output_dir).image_record)
     log(f"data {data.name}: {len(data.train)} training images in {data.num_classes} classes "
         f"(max {data.train_counts().max()}, min {data.train_counts().min()}), {len(data.test)} test images")
+    for line in _data_notes(data):
+        log(line)
+    if not config.dry_run and resumed_run_settings(config.output_dir) is not None:
+        check_same_training_data(config.output_dir, read_record(config.output_dir), data)
     if data.left_out:
         log(f"left out {len(data.left_out)} image file(s) that cannot be used (--bad_images=skip; all listed in "
             f"config.json): " + "; ".join(f"{path}: {reason}" for path, reason in data.left_out[:3])
@@ -198,31 +206,74 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
                                 callbacks=callbacks, shuffle=False, verbose=0)
         # The last epoch is always evaluated; its metrics are the final results.
         results = {k[len("val_"):]: v[-1] for k, v in history.history.items() if k.startswith("val_")}
+    return _finish(model, config, data, record, results, test_ds, request, log)
+
+
+def _finish(model, config: RunConfig, data: lt_data.LabeledData, record: RunRecord, results: dict, test_ds,
+            request: preemption.StopRequest, log: Callable[[str], None]) -> dict:
+    """Write what a finished run promises and its folder lacks (`run_folder.missing_artefacts`),
+    results.json last: a run stopped at any point after its last step writes the rest when
+    started again."""
+    folder = RunFolder(config.output_dir)
+    missing = set(missing_artefacts(config))
+
+    def stage(what):
+        request.stage = f"after epoch {config.epochs} of {config.epochs}, while {what}"
+
     if not results:
+        stage("evaluating on the test set")
         results = model.evaluate(test_ds, return_dict=True, verbose=0)
     results = {k: float(v) for k, v in results.items()}
+    stage("saving the model")
     write_final_metrics(folder.tensorboard, results, config.epochs)
+    if folder.model in missing:
+        save_atomic(model, folder.model)
     cal = model.calibration
-    with open(folder.reliability, "wb") as f:
-        f.write(reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(), cal.hits.numpy(),
-                                        data.name))
-    model_path = folder.model
-    model.save(model_path)
-    write_json(folder.results, {"epochs": config.epochs, "test": results})
-    log(f"done: {model_path}, {folder.results}")
+    write_atomic(folder.reliability, reliability_diagram_png(cal.count.numpy(), cal.confidence.numpy(),
+                                                             cal.hits.numpy(), data.name))
     calibration = None
-    if data.holdout is not None:
-        calibration = calibrate_on_holdout(model, data, config, test_batch).calibration
+    if data.holdout is not None and os.path.join(folder.path, label_shift.CALIBRATION_FILE) in missing:
+        stage("calibrating on the held-out split")
+        calibration = calibrate_on_holdout(model, data, config, test_batch_size(config)).calibration
         log(f"calibrated on {len(data.holdout)} held-out images: temperature {calibration.temperature:.3f}, "
             f"held-out NLL {calibration.nll_before:.3f} -> {calibration.nll_after:.3f} "
             f"({label_shift.CALIBRATION_FILE})")
-    if config.export:
+    elif data.holdout is not None:
+        calibration = label_shift.load_holdout(folder.path, data.train_counts()).calibration
+    if config.export and folder.export in missing:
+        stage("exporting the SavedModel")
         # A SavedModel is served on other machines, where bfloat16 may be emulated: it computes in
         # float32 unless tools/export.py --precision says otherwise.
-        served = model if config.precision == "float32" else load_model_file(model_path, "float32")
+        served = model if config.precision == "float32" else load_model_file(folder.model, "float32")
         path = export.export_run(served, record, folder.export, calibration=calibration)
         log(f"SavedModel for TF Serving: {path} (computes in float32)")
+    stage("writing results.json")
+    write_json(folder.results, {"epochs": config.epochs, "test": results})
+    log(f"done: {folder.model}, {folder.results}")
     return results
+
+
+def _data_notes(data: lt_data.LabeledData) -> list:
+    """Log lines on what a run does not read of its data, so that nothing goes unmentioned: the
+    hidden and AppleDouble files of an image folder, the files whose name is not an image's (by
+    extension), and the classes without test images."""
+    notes = []
+    if data.ignored_files:
+        notes.append(f"ignored {len(data.ignored_files)} hidden or AppleDouble (._*) file(s) or folder(s): "
+                     + ", ".join(data.ignored_files[:3]) + (" ..." if len(data.ignored_files) > 3 else ""))
+    if data.skipped_files:
+        kinds = collections.Counter(os.path.splitext(p)[1].lower() or "no extension" for p in data.skipped_files)
+        notes.append(f"skipped {len(data.skipped_files)} file(s) whose name is not an image's ("
+                     + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()) + "; read: "
+                     + " ".join(lt_data.IMAGE_EXTENSIONS) + "): " + ", ".join(data.skipped_files[:3])
+                     + (" ..." if len(data.skipped_files) > 3 else ""))
+    untested = [name for name, n in zip(data.class_names, lt_data.class_counts(data.test.labels, data.num_classes))
+                if n == 0]
+    if untested:
+        notes.append(f"warning: {len(untested)} class(es) have no test images, so their accuracy is not measured: "
+                     f"{', '.join(map(str, untested[:10]))}"
+                     + (" ..." if len(untested) > 10 else ""))
+    return notes
 
 
 def _initialise(init_from: str, report: Callable[[pretrained.InitReport], None]):

@@ -21,6 +21,7 @@ top_k_scores, top_k_names):
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 
@@ -165,23 +166,30 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
                        mean_lambda: float, top_k: int = 5, test_crop: float = 0.0,
                        max_pixels: int = lt_data.MAX_IMAGE_PIXELS, calibration=None) -> str:
     """Write the next version of `model` under `export_dir`; returns its folder. A
-    `label_shift.Calibration` goes into the metadata, for estimating deployment priors."""
-    path = os.path.join(export_dir, str(next_version(export_dir)))
+    `label_shift.Calibration` goes into the metadata, for estimating deployment priors.
+
+    The version is written in a hidden folder and renamed when whole: TF Serving, which loads
+    every numbered folder it finds, never sees a part (a run stopped while exporting leaves the
+    hidden one, which `run_folder.remove_partial_files` deletes)."""
+    version = str(next_version(export_dir))
+    path, partial = os.path.join(export_dir, version), os.path.join(export_dir, f".partial-{version}")
+    shutil.rmtree(partial, ignore_errors=True)
     archive = keras.export.ExportArchive()
     archive.track(model)
     for name, (fn, signature) in serving_functions(model, mean, std, class_names, train_counts,
                                                    mean_lambda, top_k, test_crop, max_pixels, calibration).items():
         archive.add_endpoint(name, fn, input_signature=signature)
-    archive.write_out(path, verbose=False)
+    archive.write_out(partial, verbose=False)
     # TF Serving ignores assets.extra (beyond its warm-up file); tools/predict.py reads the
     # classes and the training prior from here.
-    os.makedirs(os.path.join(path, "assets.extra"))
-    with open(os.path.join(path, "assets.extra", METADATA_NAME), "w") as f:
+    os.makedirs(os.path.join(partial, "assets.extra"))
+    with open(os.path.join(partial, "assets.extra", METADATA_NAME), "w") as f:
         json.dump({"class_names": [str(n) for n in class_names], "train_counts": [int(c) for c in train_counts],
                    "mean_lambda": float(mean_lambda), "image_shape": list(model.image_shape),
                    "test_crop": float(test_crop), "mean": [float(m) for m in mean], "std": [float(v) for v in std],
                    "predict_tensor_input": PREDICT_TENSOR_INPUT, "precision": model.dtype_policy.name,
                    "calibration": None if calibration is None else calibration.to_dict()}, f, indent=1)
+    os.rename(partial, path)
     return path
 
 

@@ -106,9 +106,7 @@ def image_paths(inputs: Sequence[str]) -> List[str]:
     paths = []
     for item in inputs:
         if os.path.isdir(item):
-            for root, dirs, files in os.walk(item):
-                dirs.sort()
-                paths += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(lt_data.IMAGE_EXTENSIONS)]
+            paths += lt_data.image_files(item)[0]
         elif item.lower().endswith(".txt") and os.path.isfile(item):
             with open(item) as f:
                 names = [line.split()[0] for line in f if line.strip()]

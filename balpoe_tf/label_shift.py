@@ -20,6 +20,7 @@ from scipy import optimize, stats
 
 from balpoe_tf.data.longtail import PRIOR_FLOOR, class_prior
 from balpoe_tf.names import DEFAULT_SAFEGUARD_LEVEL, ESTIMATORS, NEEDS_HOLDOUT
+from balpoe_tf.reporting import write_json
 
 # Dirichlet concentration per class of "map_em", in pseudo-samples added to every class.
 MAP_PSEUDO_COUNT = 10.0
@@ -326,9 +327,9 @@ def save_holdout(run_dir: str, labels, balanced_logits, train_counts) -> Holdout
     holdout = Holdout.fit(labels, balanced_logits, class_prior(train_counts))
     np.savez(os.path.join(run_dir, HOLDOUT_FILE), labels=np.asarray(labels),
              balanced_logits=np.asarray(balanced_logits, np.float32))
-    with open(os.path.join(run_dir, CALIBRATION_FILE), "w") as f:
-        json.dump({"fit": CALIBRATION_FIT, "bcts": holdout.calibration.to_dict(),
-                   "temperature_scaling": holdout.temperature_only.to_dict()}, f, indent=1)
+    # Written last and whole: its presence says the run's calibration is done (run_folder.missing_artefacts).
+    write_json(os.path.join(run_dir, CALIBRATION_FILE), {"fit": CALIBRATION_FIT, "bcts": holdout.calibration.to_dict(),
+                                                         "temperature_scaling": holdout.temperature_only.to_dict()})
     return holdout
 
 

@@ -16,7 +16,7 @@ AUGMENTATIONS = ("cifar", "autoaugment", "crop_flip", "none") + IMAGE_AUGMENTATI
 
 # Extensions an image folder is searched for; files TensorFlow does not decode (TIFF, WebP)
 # are converted with Pillow by the check (`data.image_check`).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ico")
 
 # Images above this many pixels are refused before decoding: decoding and resizing a
 # 40-megapixel image takes about 1 GB (measured: 8000 x 8000 with a centre crop, 1.5 GB).

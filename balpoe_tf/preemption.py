@@ -4,7 +4,10 @@ the run is inside its epoch is written (`callbacks.Checkpoints`) and `Interrupte
 run; the same command resumes it at that step.
 
 Before training starts (loading and checking data) there is nothing to save, so a signal
-stops the run at once; a second signal does too, without waiting for the checkpoint.
+stops the run at once; a second signal does too, without waiting for the checkpoint. After the
+last step (the final evaluation, the model, calibration and export) a signal stops the run at
+once as well: the training is in its last checkpoint, and the run started again writes what it
+had not yet written.
 """
 
 import contextlib
@@ -49,17 +52,22 @@ def signal_name(signum: int) -> str:
 
 
 class StopRequest:
-    """The SIGINT or SIGTERM a run received (`signum`, 0 while none), and whether its training
-    steps are running (`training`): then a signal waits for the end of the step."""
+    """The SIGINT or SIGTERM a run received (`signum`, 0 while none), whether its training
+    steps are running (`training`: then a signal waits for the end of the step), and once they
+    are done, what the run is finishing (`stage`: "after epoch 40 of 40, while exporting ...")."""
 
     def __init__(self):
         self.signum = 0
         self.training = False
+        self.stage = ""
 
     def handle(self, signum, frame=None):
         if self.signum:
             raise Interrupted(signum, f"stopped by a second {signal_name(signum)} before the checkpoint was "
                                       "written: the run resumes from its last checkpoint")
+        if self.stage:
+            raise Interrupted(signum, f"stopped by {signal_name(signum)} {self.stage}: the training is in its "
+                                      "last checkpoint; started again, the run writes what it had not yet")
         if not self.training:
             raise Interrupted(signum, f"stopped by {signal_name(signum)} before training began: nothing was "
                                       "lost")

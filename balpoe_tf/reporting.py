@@ -25,10 +25,18 @@ def strict_json(value):
     return value
 
 
+def write_atomic(path: str, content):
+    """Write `content` (str or bytes) to `path` so that a reader, or a run stopped in the middle,
+    finds the old file or the new one, never a part."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
 def write_json(path: str, value, **kwargs):
-    """Write `value` to `path` as standard JSON (NaN as null); kwargs go to json.dump."""
-    with open(path, "w") as f:
-        json.dump(strict_json(value), f, indent=1, allow_nan=False, **kwargs)
+    """Write `value` to `path` as standard JSON (NaN as null), atomically; kwargs go to json.dump."""
+    write_atomic(path, json.dumps(strict_json(value), indent=1, allow_nan=False, **kwargs))
 
 
 def write_benchmark(path: str, result: dict, lines) -> str:

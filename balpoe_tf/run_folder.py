@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Callable, List, Optional
 
@@ -16,7 +17,9 @@ import keras
 
 # Imported for their Keras registrations: a saved model names its loss, optimizer and schedules.
 from balpoe_tf import losses, task, training  # noqa: F401
+from balpoe_tf import label_shift
 from balpoe_tf.config import RunError
+from balpoe_tf.data import fingerprint
 from balpoe_tf.models import precision_policy
 from balpoe_tf.run_config import RUN_CONTROL, RunConfig
 
@@ -45,6 +48,7 @@ class RunFolder:
     export = property(lambda self: self._file("export"))  # SavedModel versions
     evaluation = property(lambda self: self._file("evaluation"))  # tools/evaluate.py's default reports
     image_record = property(lambda self: self._file("image_check"))  # `data.check_image_files`'s record
+    data_files = property(lambda self: self._file("data_files.npz"))  # `write_data_files`: each split's files
     checkpoints = property(lambda self: self._file("checkpoints"))
 
 
@@ -265,18 +269,124 @@ def check_run_folder(config: RunConfig):
                        f"(--flagfile={RunFolder(config.output_dir).flags}) to resume it")
 
 
-def finished_results(output_dir: str, epochs: int):
-    """The final test metrics of a run that has finished all `epochs` in `output_dir` (its
-    results.json beside its model.keras), or None."""
-    folder = RunFolder(output_dir)
-    if not (os.path.isfile(folder.results) and os.path.isfile(folder.model)):
-        return None
+def missing_artefacts(config: RunConfig) -> List[str]:
+    """What a finished run of `config` promises and its folder lacks: the model, results.json
+    (for all `--epochs`), the reliability diagram, calibration.json with a held-out split, and a
+    SavedModel with --export."""
+    folder = RunFolder(config.output_dir)
+    missing = [path for path in (folder.model, folder.reliability) if not os.path.isfile(path)]
+    calibration = os.path.join(folder.path, label_shift.CALIBRATION_FILE)
+    if config.holdout_fraction and not os.path.isfile(calibration):
+        missing.append(calibration)
+    if config.export and not glob.glob(os.path.join(folder.export, "[0-9]*", "saved_model.pb")):
+        missing.append(folder.export)
     try:
         with open(folder.results) as f:
             saved = json.load(f)
     except (OSError, ValueError):
+        saved = {}
+    if saved.get("epochs") != config.epochs or "test" not in saved:
+        missing.append(folder.results)
+    return missing
+
+
+def finished_results(config: RunConfig):
+    """The final test metrics of a run of `config` that has finished and written everything it
+    promises (`missing_artefacts`), or None."""
+    if missing_artefacts(config):
         return None
-    return saved.get("test") if saved.get("epochs") == epochs else None
+    with open(RunFolder(config.output_dir).results) as f:
+        return json.load(f)["test"]
+
+
+# How many changed files a message names.
+NAMED_FILES = 3
+
+
+def _split_files(split) -> Optional[dict]:
+    """`{path relative to the split's common folder: (label, content digest)}` of a split of
+    checked image files (moving the data elsewhere changes no key), or None for other splits."""
+    if split is None or not split.is_files or split.digests is None or not len(split):
+        return None
+    paths = [str(p) for p in split.images]
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    return {os.path.relpath(p, root): (int(label), int(digest))
+            for p, label, digest in zip(paths, split.labels, split.digests)}
+
+
+def write_data_files(output_dir: str, data) -> None:
+    """Record the files, labels and content digests of `data`'s image-file splits (`data_files.npz`),
+    so that `check_same_data` can name what changed."""
+    arrays = {}
+    for name in ("train", "test"):
+        files = _split_files(getattr(data, name))
+        if files:
+            arrays[f"{name}_paths"] = np.array(list(files), dtype=str)
+            arrays[f"{name}_items"] = np.array(list(files.values()), np.int64)
+    if arrays:
+        tmp = RunFolder(output_dir).data_files + ".tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, RunFolder(output_dir).data_files)
+
+
+def _recorded_files(output_dir: str, name: str) -> Optional[dict]:
+    try:
+        with np.load(RunFolder(output_dir).data_files) as saved:
+            return {str(p): tuple(int(v) for v in item)
+                    for p, item in zip(saved[f"{name}_paths"], saved[f"{name}_items"])}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def split_changes(output_dir: str, name: str, split, class_names, counts_before=None) -> str:
+    """What differs between split `name` as `output_dir` recorded it and `split` now: the files
+    added, removed and changed (content or label), the first few named, and the classes whose
+    counts moved (from `counts_before`, else from the recorded files)."""
+    parts = []
+    before, now = _recorded_files(output_dir, name), _split_files(split)
+    if counts_before is None and before is not None:
+        counts_before = np.bincount([label for label, _ in before.values()], minlength=len(class_names))
+    if before is not None and now is not None:
+        added, removed = sorted(now.keys() - before.keys()), sorted(before.keys() - now.keys())
+        changed = sorted(p for p in now.keys() & before.keys() if now[p] != before[p])
+        for label, paths in (("added", added), ("removed", removed), ("changed", changed)):
+            if paths:
+                parts.append(f"{len(paths)} file(s) {label} ({', '.join(paths[:NAMED_FILES])}"
+                             + (" ..." if len(paths) > NAMED_FILES else "") + ")")
+    counts_now = np.bincount(np.asarray(split.labels, np.int64), minlength=len(class_names))
+    counts_before = counts_now if counts_before is None else counts_before
+    moved = [f"{class_names[c]} {counts_before[c]} -> {counts_now[c]}" for c in range(len(class_names))
+             if c < len(counts_before) and counts_before[c] != counts_now[c]]
+    if moved:
+        parts.append("class counts moved: " + ", ".join(moved[:10]) + (" ..." if len(moved) > 10 else ""))
+    return "; ".join(parts) or "the same files and counts, other images or labels"
+
+
+def check_same_training_data(output_dir: str, record: RunRecord, data) -> None:
+    """Refuse to resume the run of `output_dir` on training data other than it started with:
+    compared by fingerprint (labels and image bytes or pixels) where the run recorded one, by
+    class counts for runs from before. The class prior is part of the loss."""
+    saved, now = record.data.train_fingerprint, fingerprint(data.train)
+    if (now == saved) if saved and now else data.train_counts().tolist() == record.data.train_counts:
+        return
+    changes = split_changes(output_dir, "train", data.train, data.class_names, record.data.train_counts)
+    raise RunError(f"the training data is not what {output_dir} started with: {changes}. The class prior is part "
+                   "of the loss, so resuming would train another run under this name: restore the data, or start "
+                   "a new --output_dir")
+
+
+# Files a write that was stopped half-way leaves: a checkpoint or model being saved, an export
+# being written (`export.export_saved_model` writes into a hidden folder first).
+PARTIAL_FILES = ("*.tmp.keras", os.path.join("checkpoints", "*.tmp.keras"), "*.tmp",
+                 os.path.join("export", ".partial-*"))
+
+
+def remove_partial_files(output_dir: str):
+    """Delete what writes stopped half-way left in a run folder (a second Ctrl-C during a save,
+    kill -9): nothing reads them, and they would stay for good."""
+    for pattern in PARTIAL_FILES:
+        for path in glob.glob(os.path.join(output_dir, pattern)):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def load_run(run_dir: str, precision: str = ""):

@@ -199,3 +199,22 @@ def test_lambda_mean_warning_is_one_clean_line():
     warning = [i for i, line in enumerate(lines) if "mean lambda is 0.333333" in line]
     assert len(warning) == 1 and lines[warning[0]].startswith("warning: mean lambda")
     assert not any("warnings.warn" in line or "stacklevel" in line for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["train", "evaluate", "predict", "export", "reproduce"])
+def test_ctrl_c_while_a_tool_starts_is_one_line_and_exit_130(tool):
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user runs it
+    for delay in (0.5, 2.0):  # TensorFlow is still loading: it takes seconds
+        proc = subprocess.Popen([sys.executable, f"tools/{tool}.py", "--help"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode == 0 and "--" in out:
+            continue  # this machine loaded TensorFlow and printed the help before the signal: nothing to stop
+        assert proc.returncode == 130, (delay, err[-2000:])
+        assert err == "stopped by SIGINT (Ctrl-C) while starting: nothing was done\n", (delay, err[-2000:])

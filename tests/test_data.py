@@ -186,6 +186,42 @@ def test_image_folder_and_list_sources(tmp_path):
         lt_data.load_image_list(str(train_list), str(test_list), str(tmp_path))
 
 
+def test_an_image_folder_reads_as_keras_and_torchvision_do_and_says_what_it_leaves(tmp_path):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            _write_png(tmp_path / split / name / "0.png", 10)
+    _write_png(tmp_path / "train" / "cat" / "indoor" / "deeper" / "1.png", 20)  # sub-folders are read
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 30, np.uint8)).save(tmp_path / "train" / "cat" / "2.ICO", format="ICO")
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata
+    (tmp_path / "train" / "dog" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "train" / "dog" / ".thumbnails").mkdir()
+    _write_png(tmp_path / "train" / "dog" / ".thumbnails" / "0.png", 0)
+    (tmp_path / "train" / "__MACOSX" / "cat").mkdir(parents=True)  # not a class
+    (tmp_path / "train" / "dog" / "photo.heic").write_bytes(b"heic")
+    (tmp_path / "train" / "dog" / "no_extension").write_bytes((tmp_path / "train" / "dog" / "0.png").read_bytes())
+    data = lt_data.load_dataset("folder", data_path=str(tmp_path), image_size=6)
+    assert data.class_names == ("cat", "dog")
+    assert [os.path.relpath(p, tmp_path) for p in data.train.images] == [
+        "train/cat/0.png", "train/cat/2.ICO", "train/cat/indoor/deeper/1.png", "train/dog/0.png"]
+    assert sorted(os.path.relpath(p, tmp_path) for p in data.ignored_files) == [
+        "train/cat/._0.png", "train/dog/.DS_Store", "train/dog/.thumbnails"]
+    assert sorted(os.path.relpath(p, tmp_path) for p in data.skipped_files) == [
+        "train/dog/no_extension", "train/dog/photo.heic"]
+    assert lt_data.check_image_files(data).train_counts().tolist() == [3, 1]  # the ICO is read (through Pillow)
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    _write_png(tmp_path / "train" / "cat" / "0.png", 10)
+    (tmp_path / "train" / "dog" / "sub").mkdir(parents=True)
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("no images here")
+    _write_png(tmp_path / "test" / "cat" / "0.png", 10)
+    with pytest.raises(lt_data.DataError, match=f"class folder\\(s\\) {tmp_path}/train/dog hold no image file "
+                                                r"\(looked for .jpg, .*, in sub-folders too\): add images, or remove"):
+        lt_data.load_dataset("folder", data_path=str(tmp_path), image_size=6)
+
+
 @pytest.mark.slow
 def test_tfds_cifar_with_mock_data():
     with tfds.testing.mock_data(num_examples=60):

@@ -199,8 +199,9 @@ def test_evaluation_refuses_other_test_images_and_an_unwritable_output(tmp_path)
     # Another image of the same class: same class counts, other data.
     replaced = tmp_path / "images" / "test" / "c1" / "0.png"
     replaced.write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
-    with pytest.raises(lt_data.DataError, match="the test data loaded now .* is not the test data .*: fingerprint "
-                                                "[0-9a-f]{16} now, [0-9a-f]{16} in its config.json"):
+    with pytest.raises(lt_data.DataError, match=r"the test data loaded now .* is not the test data .*: 1 file\(s\) "
+                                                r"changed \(c1/0.png\) \(fingerprint [0-9a-f]{16} now, [0-9a-f]{16} in "
+                                                r"its config.json\)"):
         evaluation.evaluate_runs(settings.EvalConfig(**flags), log=lambda line: None)
 
 

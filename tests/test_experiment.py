@@ -737,3 +737,57 @@ def test_strategy_errors(monkeypatch):
         distribution.make_strategy("multi_worker")
     with pytest.raises(RunError, match="unknown --strategy 'tpu'"):
         distribution.make_strategy("tpu")
+
+
+def _png_folder(root, counts, seed=0):
+    rng = np.random.RandomState(seed)
+    for split, per_class in (("train", counts), ("test", [2] * len(counts))):
+        for c, n in enumerate(per_class):
+            folder = root / split / f"class_{'abc'[c]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(rng.randint(0, 256, (8, 8, 3), np.uint8)))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_refuses_training_data_that_changed_naming_what(tmp_path):
+    images, out = tmp_path / "images", tmp_path / "run"
+    _png_folder(images, [6, 4, 3])
+    config = parse("--dataset=folder", f"--data_path={images}", "--image_size=8", "--imbalance_ratio=0",
+                   "--augment=none", "--backbone=resnet8", "--epochs=2", "--batch_size=4", "--warmup_epochs=0",
+                   "--milestones=", "--noexport", "--precision=float32", "--checkpoint_every=1",
+                   f"--output_dir={out}")
+    experiment.train(config, log=lambda line: None)
+    # As a run stopped after epoch 1: its final checkpoint and results gone.
+    for path in [out / "results.json", out / "model.keras", *out.glob("checkpoints/epoch_0002*")]:
+        os.remove(path)
+    extra, changed = images / "train" / "class_b" / "new.png", images / "train" / "class_c" / "0.png"
+    original = changed.read_bytes()
+    tf.io.write_file(str(extra), tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
+    tf.io.write_file(str(changed), tf.io.encode_png(np.ones((8, 8, 3), np.uint8)))
+    with pytest.raises(RunError, match=re.escape(
+            f"the training data is not what {out} started with: 1 file(s) added (class_b/new.png); 1 file(s) "
+            "changed (class_c/0.png); class counts moved: class_b 4 -> 5. The class prior is part of the loss, so "
+            "resuming would train another run under this name: restore the data, or start a new --output_dir")):
+        experiment.train(config, log=lambda line: None)
+    os.remove(extra)
+    with pytest.raises(RunError, match=r"started with: 1 file\(s\) changed \(class_c/0.png\)\. The class prior"):
+        experiment.train(config, log=lambda line: None)
+    changed.write_bytes(original)  # the data restored: the run resumes and ends
+    assert experiment.train(config, log=lambda line: None)["accuracy"] >= 0
+
+
+def test_the_log_names_what_an_image_folder_run_does_not_read(tmp_path):
+    _png_folder(tmp_path, [2, 2, 2])
+    for name in ("0.png", "1.png"):
+        os.remove(tmp_path / "test" / "class_c" / name)  # a class without test images
+    (tmp_path / "train" / "class_a" / "._0.png").write_bytes(b"AppleDouble")
+    for name in ("a.heic", "b.heic", "c"):
+        (tmp_path / "train" / "class_b" / name).write_bytes(b"x")
+    notes = experiment._data_notes(lt_data.load_dataset("folder", data_path=str(tmp_path), image_size=8))
+    assert notes == [
+        f"ignored 1 hidden or AppleDouble (._*) file(s) or folder(s): {tmp_path}/train/class_a/._0.png",
+        "skipped 3 file(s) whose name is not an image's (.heic 2, no extension 1; read: "
+        + " ".join(lt_data.IMAGE_EXTENSIONS) + f"): {tmp_path}/train/class_b/a.heic, {tmp_path}/train/class_b/b.heic, "
+        f"{tmp_path}/train/class_b/c",
+        "warning: 1 class(es) have no test images, so their accuracy is not measured: class_c"]

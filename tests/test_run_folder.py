@@ -52,3 +52,31 @@ def test_a_damaged_record_is_named_with_the_fix(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(RunError, match=r"config.json is not a run record of tools/train.py .*new --output_dir"):
         run_folder.read_record(str(tmp_path))
+
+
+def test_a_finished_run_is_one_with_every_artefact_it_promises(tmp_path):
+    config = RunConfig(output_dir=str(tmp_path), epochs=3, warmup_epochs=0, milestones=[], holdout_fraction=0.1)
+    folder = run_folder.RunFolder(str(tmp_path))
+    everything = [folder.model, folder.reliability, str(tmp_path / "calibration.json"), folder.export, folder.results]
+    assert sorted(run_folder.missing_artefacts(config)) == sorted(everything)
+    for path in (folder.model, folder.reliability, tmp_path / "calibration.json"):
+        open(path, "w").close()
+    (tmp_path / "export" / ".partial-1").mkdir(parents=True)
+    (tmp_path / "export" / ".partial-1" / "saved_model.pb").write_bytes(b"")  # not yet in place
+    (tmp_path / "results.json").write_text(json.dumps({"epochs": 2, "test": {"accuracy": 0.5}}))  # another run's
+    assert run_folder.missing_artefacts(config) == [folder.export, folder.results]
+    (tmp_path / "export" / "1").mkdir()
+    (tmp_path / "export" / "1" / "saved_model.pb").write_bytes(b"")
+    assert run_folder.finished_results(dataclasses.replace(config, epochs=2)) == {"accuracy": 0.5}
+    assert run_folder.missing_artefacts(dataclasses.replace(config, holdout_fraction=0.0, export=False, epochs=2)) == []
+
+
+def test_what_a_stopped_write_left_is_removed(tmp_path):
+    leftovers = [tmp_path / "checkpoints" / "epoch_0003.tmp.keras", tmp_path / "model.tmp.keras",
+                 tmp_path / "results.json.123.tmp", tmp_path / "export" / ".partial-2"]
+    kept = [tmp_path / "checkpoints" / "epoch_0002.keras", tmp_path / "export" / "1"]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if "export" in str(path) else path.write_bytes(b"x")
+    run_folder.remove_partial_files(str(tmp_path))
+    assert [p.exists() for p in leftovers] == [False] * 4 and all(p.exists() for p in kept)

@@ -26,7 +26,7 @@ from balpoe_tf.data.augment import (cifar_augment, color_jitter, crop_flip_rotat
                                     random_resized_crop)
 from balpoe_tf.names import AUGMENTATIONS, IMAGE_AUGMENTATIONS, IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, TFDS_PREFIX
 from balpoe_tf.data.sources import (CIFAR_MEAN, CIFAR_STD, DATASETS, extract_from_tfds, from_arrays, IDX_FILES,
-                                    IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_digits, load_idx,
+                                    image_files, IMAGENET_MEAN, IMAGENET_STD, load_dataset, load_digits, load_idx,
                                     load_image_folder, load_image_list, load_npz, load_tfds, NPZ_KEYS, read_idx,
                                     read_image_list, TFDS_OPTIONS)
 from balpoe_tf.data.pipelines import normalizer, steps_per_epoch, test_pipeline, train_pipeline
@@ -40,6 +40,6 @@ __all__ = ["class_counts", "DataError", "fingerprint", "check_image_files", "ins
            "AUGMENTATIONS", "cifar_augment", "crop_flip_rotate", "color_jitter", "IMAGE_AUGMENTATIONS",
            "random_resized_crop", "CIFAR_MEAN", "CIFAR_STD", "DATASETS", "extract_from_tfds", "from_arrays",
            "IDX_FILES", "IMAGENET_MEAN", "IMAGENET_STD", "load_dataset", "load_digits", "load_idx",
-           "load_image_folder", "load_image_list", "load_npz", "load_tfds", "NPZ_KEYS", "read_idx",
+           "image_files", "load_image_folder", "load_image_list", "load_npz", "load_tfds", "NPZ_KEYS", "read_idx",
            "read_image_list", "TFDS_OPTIONS", "TFDS_PREFIX", "normalizer", "steps_per_epoch", "test_pipeline",
            "train_pipeline"]

@@ -69,6 +69,8 @@ class LabeledData:
             on), for calibration; None when there is none.
         left_out: `(path, reason)` of the image files left out because they cannot be used
             (`image_check.check_image_files` with bad_images="skip").
+        ignored_files: hidden and AppleDouble files and folders an image folder holds, not read.
+        skipped_files: files of an image folder left out because their name is not an image's.
     """
 
     name: str
@@ -81,6 +83,8 @@ class LabeledData:
     test_crop: float = 0.0
     holdout: Optional[Split] = None
     left_out: tuple = ()
+    ignored_files: tuple = ()
+    skipped_files: tuple = ()
 
     @property
     def num_classes(self) -> int:

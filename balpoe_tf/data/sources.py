@@ -292,31 +292,64 @@ def load_idx(folder: str) -> LabeledData:
     return from_arrays(os.path.basename(os.path.normpath(folder)), *(read_idx(p) for p in paths))
 
 
+def _ignored(name: str) -> bool:
+    """Hidden files and folders, macOS's AppleDouble `._*` files (metadata with an image's name)
+    and the `__MACOSX` folder of archives made on a Mac: never images of the data set."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def image_files(folder: str):
+    """The image files under `folder`, its sub-folders included (as Keras's
+    `image_dataset_from_directory` and torchvision's `ImageFolder` read a class folder), sorted.
+
+    Returns:
+        `(images, ignored, skipped)`: the paths whose name is an image's (`IMAGE_EXTENSIONS`); the
+        hidden and AppleDouble files left out (`_ignored`); the other files, left out because
+        their name is not an image's.
+    """
+    images, ignored, skipped = [], [], []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        ignored += [os.path.join(root, d) for d in dirs if _ignored(d)]
+        dirs[:] = sorted(d for d in dirs if not _ignored(d))
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            (ignored if _ignored(name) else images if name.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(path)
+    return images, ignored, skipped
+
+
 def _folder_split(root: str, class_names=None):
+    """A split of an image folder: `(Split, class names, ignored, skipped)`; see `image_files`."""
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist: it needs one sub-folder per class")
-    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not _ignored(d))
     class_names = class_names or found
     unknown = sorted(set(found) - set(class_names))
     if unknown:
         raise DataError(f"{root} has class folder(s) {unknown} that the training split does not have")
-    paths, labels = [], []
+    paths, labels, ignored, skipped = [], [], [], []
     for c, name in enumerate(class_names):
         folder = os.path.join(root, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) \
-            if os.path.isdir(folder) else []
-        paths += [os.path.join(folder, f) for f in files]
+        files, hidden, other = image_files(folder) if os.path.isdir(folder) else ([], [], [])
+        paths += files
         labels += [c] * len(files)
-    return Split(np.array(paths, dtype=str), np.array(labels, dtype=np.int64)), class_names
+        ignored += hidden
+        skipped += other
+    return Split(np.array(paths, dtype=str), np.array(labels, dtype=np.int64)), class_names, ignored, skipped
 
 
 def load_image_folder(root: str, image_size: int = 32) -> LabeledData:
     """Images in `root/train/<class>/` and `root/test/<class>/`; class ids follow the
     sorted training folder names."""
-    train, names = _folder_split(os.path.join(root, "train"))
-    test, _ = _folder_split(os.path.join(root, "test"), names)
+    train, names, ignored, skipped = _folder_split(os.path.join(root, "train"))
+    counts = np.bincount(train.labels, minlength=len(names))
+    if not counts.all():
+        empty = [os.path.join(root, "train", names[c]) for c in np.flatnonzero(counts == 0)]
+        raise DataError(f"class folder(s) {', '.join(empty)} hold no image file (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS)}, in sub-folders too): add images, or remove the folder")
+    test, _, test_ignored, test_skipped = _folder_split(os.path.join(root, "test"), names)
     return LabeledData(os.path.basename(os.path.normpath(root)), train, test, tuple(names),
-                       (image_size, image_size, 3), IMAGENET_MEAN, IMAGENET_STD)
+                       (image_size, image_size, 3), IMAGENET_MEAN, IMAGENET_STD,
+                       ignored_files=tuple(ignored + test_ignored), skipped_files=tuple(skipped + test_skipped))
 
 
 def read_image_list(list_file: str, root: str = "") -> Split:
