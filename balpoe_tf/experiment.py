@@ -21,10 +21,10 @@ from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard,
 from balpoe_tf.reporting import format_table, reliability_diagram_png, write_atomic, write_json
 from balpoe_tf.run_config import baseline_config, config_to_flags, quick_config, RUN_CONTROL, RunConfig, test_batch_size
 from balpoe_tf.run_data import load_data
-from balpoe_tf.run_folder import (check_run_folder, check_same_training_data, check_writable_folder, DataRecord, describe_position,
-                                  finished_results, latest_checkpoint, load_latest_checkpoint, load_model_file,
-                                  missing_artefacts, read_record, remove_partial_files, resumed_run_settings, RunFolder, RunRecord,
-                                  save_atomic, write_data_files)
+from balpoe_tf.run_folder import (check_run_folder, check_same_training_data, check_writable_folder, DataRecord,
+                                  describe_position, finished_results, latest_checkpoint, load_latest_checkpoint,
+                                  load_model_file, missing_artefacts, read_record, remove_partial_files,
+                                  resumed_run_settings, RunFolder, RunRecord, save_atomic, write_data_files)
 
 
 def write_run_record(config: RunConfig, data: lt_data.LabeledData, model: task.BalPoEModel,

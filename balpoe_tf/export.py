@@ -223,7 +223,7 @@ def serving_precision(run_dir: str) -> precision_lib.PrecisionChoice:
     settings = record.settings
     model_key = {"task": "prediction", "backbone": settings.backbone, "experts": settings.num_experts,
                  "classes": record.data.num_classes, "image_shape": shape, "batch": SERVING_BATCH}
-    return precision_lib.choose_auto(model_key, precision_lib.auto_candidates(gpus, flags), make_step,
+    return precision_lib.choose_auto(model_key, precision_lib.runnable_candidates(gpus, flags), make_step,
                                      SERVING_BATCH, math.inf, gpus, flags)
 
 

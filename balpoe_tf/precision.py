@@ -168,6 +168,12 @@ def auto_candidates(gpus: list, flags) -> tuple:
     return tuple(p for p, features in AUTO_CPU_FEATURES.items() if flags & set(features))
 
 
+def runnable_candidates(gpus: list, flags) -> tuple:
+    """`auto_candidates` that TensorFlow has kernels for in this process (`kernel_problem`): one
+    it has none for (a capped oneDNN) could not even be measured."""
+    return tuple(p for p in auto_candidates(gpus, flags) if not kernel_problem(p))
+
+
 @dataclasses.dataclass
 class PrecisionChoice:
     """The precision a run computes in and why.
@@ -343,7 +349,7 @@ def choose_auto(model_key: dict, candidates: Sequence[str], make_step: Callable[
                 measure: Optional[Callable] = None) -> PrecisionChoice:
     """What `--precision=auto` computes in for one model shape on this machine.
 
-    Without a candidate (`auto_candidates`) it is float32 and nothing is measured. Otherwise
+    Without a candidate (`runnable_candidates`) it is float32 and nothing is measured. Otherwise
     the cache answers if it holds this machine and model shape; else float32 and the
     candidates are measured (`measure_speeds`), the fastest kept if it beats float32 by
     `MIN_SPEEDUP` (`decide`), and the measurement cached. A run too short for measuring the
@@ -353,7 +359,7 @@ def choose_auto(model_key: dict, candidates: Sequence[str], make_step: Callable[
     Args:
         model_key: what identifies the model shape (backbone, experts, classes, image shape,
             per-replica batch, ...) and, as "task", what a step does ("training" if absent).
-        candidates: `auto_candidates(gpus, flags)`.
+        candidates: `runnable_candidates(gpus, flags)`.
         make_step: see `measure_speeds`.
         images_per_step: the batch of one measured step.
         total_steps: the run's steps (math.inf: always measure the candidates).

@@ -55,8 +55,6 @@ def choose_precision(config: RunConfig, data: lt_data.LabeledData, strategy: tf.
     model_key = precision_model_key(config, data, strategy.num_replicas_in_sync)
     batch = model_key["batch"]
     total_steps = config.epochs * lt_data.steps_per_epoch(len(data.train), config.batch_size)
-    # A candidate TensorFlow has no kernel for here (a capped oneDNN) is not measured: it could not run.
-    candidates = tuple(p for p in precision_lib.auto_candidates(gpus, flags) if not precision_lib.kernel_problem(p))
-    choice = precision_lib.choose_auto(model_key, candidates,
+    choice = precision_lib.choose_auto(model_key, precision_lib.runnable_candidates(gpus, flags),
                                        measured_step(config, data, batch), batch, total_steps, gpus, flags)
     return distribution.agree_on_precision(strategy, choice)

@@ -591,7 +591,7 @@ def _seed_precision_cache(folder, config, replicas, speedup):
     """Cache a measurement of `speedup` for every mixed precision auto would measure here, for
     the run `config` split over `replicas`; returns the candidates (none: nothing to measure)."""
     gpus, flags = precision.gpu_capabilities(), precision.cpu_flags()
-    candidates = precision.auto_candidates(gpus, flags)
+    candidates = precision.runnable_candidates(gpus, flags)
     key = run_precision.precision_model_key(config, run_data.load_data(config), replicas)
 
     def measure(make_step, candidates, images_per_step, total_steps):

@@ -231,8 +231,9 @@ def test_workers_agree_on_the_precision_the_slowest_measured(rows, chosen):
 @pytest.mark.slow
 def test_the_real_measurement_on_a_tiny_model():
     from balpoe_tf import run_config, run_precision
-    from conftest import parse_config
+    from conftest import parse_config, skip_without_kernels
 
+    skip_without_kernels("mixed_bfloat16")
     config = parse_config(run_config.RunConfig, "--flagfile=configs/demo.flags", "--batch_size=16")
     data = run_data.load_data(config)
     # Measured even where bfloat16 is emulated: the measurement itself is what is tested.

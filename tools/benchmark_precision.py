@@ -78,7 +78,7 @@ def main(argv):
     del argv
     rows = [decide(f) for f in FLAGS.flagfiles]
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": precision.cpu_model(),
-              "candidates": list(precision.auto_candidates(precision.gpu_capabilities(), precision.cpu_flags())),
+              "candidates": list(precision.runnable_candidates(precision.gpu_capabilities(), precision.cpu_flags())),
               "tensorflow": tf.__version__, "runs": rows}
     table = []
     for row in rows:
