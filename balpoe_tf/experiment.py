@@ -13,8 +13,8 @@ import numpy as np
 import keras
 import tensorflow as tf
 
-from balpoe_tf import (__version__, distribution, export, label_shift, models, preemption, pretrained, run_precision,
-                       task)
+from balpoe_tf import (__version__, distribution, export, label_shift, models, names, preemption, pretrained,
+                       run_precision, task)
 from balpoe_tf import data as lt_data
 from balpoe_tf import precision as precision_lib
 from balpoe_tf.callbacks import BalPoETensorBoard, Checkpoints, DivergenceGuard, ProgressLine, write_final_metrics
@@ -169,7 +169,7 @@ def _train_in_precision(config: RunConfig, data: lt_data.LabeledData, choice: pr
             chief_dir, log, rename_unreadable=chief_dir == config.output_dir)
         init = []  # the report of --init_from, for a new run that has one
         if model is None:
-            model = task.build_model(config, data, steps, _initialise(config.init_from, init.append))
+            model = task.build_model(config, data, steps, _initialise(config, init.append))
     schedule = task.lr_schedule(model)
     log(f"model {config.backbone} x {config.num_experts} experts, lambdas {config.lambdas}, "
         f"{models.count_params(model):,} parameters; {steps} steps/epoch")
@@ -276,13 +276,15 @@ def _data_notes(data: lt_data.LabeledData) -> list:
     return notes
 
 
-def _initialise(init_from: str, report: Callable[[pretrained.InitReport], None]):
-    """`build_model`'s `initialise` for `--init_from` (None without one), telling `report` what it loaded."""
-    if not init_from:
+def _initialise(config: RunConfig, report: Callable[[pretrained.InitReport], None]):
+    """`build_model`'s `initialise` for `--init_from` or a keras-hub backbone's preset (None with
+    neither), telling `report` what was loaded."""
+    if not config.init_from and not config.backbone.startswith(names.HUB_PREFIX):
         return None
 
     def initialise(model):
-        loaded = pretrained.initialise(model, init_from)
+        loaded = (pretrained.initialise(model, config.init_from) if config.init_from
+                  else pretrained.preset_report(model))
         report(loaded)
         return loaded.pretrained
 

@@ -9,6 +9,8 @@ BACKBONES = ("resnet32", "resnet20", "resnet8", "resnet50", "resnext50")
 # Data sources of `data.DATASETS`, and the prefix of any TFDS dataset (tfds:NAME).
 DATASETS = ("cifar10", "cifar100", "digits", "npz", "idx", "folder", "list")
 TFDS_PREFIX = "tfds:"
+# --backbone=hub:PRESET: a keras-hub preset (name or folder) as the network (`models.hub`).
+HUB_PREFIX = "hub:"
 
 # Training augmentations: those that crop full-size image files, then all.
 IMAGE_AUGMENTATIONS = ("imagenet", "inat", "randaugment")

@@ -155,6 +155,24 @@ def copy_weights(source: BalPoENetwork, target: BalPoENetwork, source_name: str)
     return InitReport(source_name, tensors - len(left), loaded, tensors, total, left, sorted(pretrained))
 
 
+def _report(model: BalPoENetwork, source: str, loaded: list) -> InitReport:
+    """The report of `loaded`, the weights of `model` that came from `source`."""
+    copied = {id(w) for w in loaded}
+    body = [w for part in (model.trunk, *model.experts) for w in _body(part)]
+    trainable = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    left = [(w.path.split("/", 1)[-1], "a new layer") for w in body if id(w) not in copied]
+    return InitReport(source, len(body) - len(left), sum(int(np.prod(w.shape)) for w in loaded), len(body),
+                      sum(int(np.prod(w.shape)) for w in body), left,
+                      sorted(trainable[id(w)] for w in loaded if id(w) in trainable))
+
+
+def preset_report(model: BalPoENetwork) -> InitReport:
+    """What a network on a keras-hub backbone (`models.hub`) took from its preset: the trunk and
+    each expert's copy of the last stages; an expert's dense head is new."""
+    loaded = list(model.trunk.weights) + [w for e in model.experts if e.body is not None for w in e.body.weights]
+    return _report(model, model.backbone, loaded)
+
+
 def initialise(model: BalPoENetwork, path: str) -> InitReport:
     """Start `model` from `--init_from=path` (see the module's docstring).
 

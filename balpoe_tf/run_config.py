@@ -89,7 +89,12 @@ class RunConfig:
                                            "counts and the prior are those of the images used).",
                                    one_of(("fail", "skip")))
     # Model.
-    backbone: str = config_field("resnet32", "Backbone.", one_of(sorted(names.BACKBONES)))
+    backbone: str = config_field("resnet32", "Backbone: one of this project's, or hub:PRESET, a keras-hub preset "
+                                             "(a name, or a folder written by save_to_preset) with its weights; "
+                                             "needs pip install -e \".[hub]\".",
+                                 Check(lambda v: v in names.BACKBONES or (v.startswith(names.HUB_PREFIX)
+                                                                          and len(v) > len(names.HUB_PREFIX)),
+                                       "one of " + ", ".join(sorted(names.BACKBONES)) + " or hub:PRESET"))
     num_experts: int = config_field(3, "Number of experts M.", at_least(1))
     lambdas: List[float] = config_field([1.0, 0.0, -1.0], "One lambda per expert (tau = 1 - lambda).",
                                         each(FINITE))
@@ -126,11 +131,12 @@ class RunConfig:
                                        at_least(0))
     momentum: float = config_field(0.9, "SGD momentum.", between(0, 1, open_high=True))
     nesterov: bool = config_field(True, "Nesterov momentum (needs --momentum > 0).")
-    pretrained_lr_factor: float = config_field(1.0, "With --init_from: the learning rate of the loaded weights "
-                                                    "is --lr times this (the classifiers and anything not "
-                                                    "loaded train at --lr).", at_least(0))
-    frozen_epochs: int = config_field(0, "With --init_from: the loaded weights are not updated during this many "
-                                         "epochs at the start (the classifiers train alone).", at_least(0))
+    pretrained_lr_factor: float = config_field(1.0, "With --init_from or a hub: backbone: the learning rate "
+                                                    "of the pretrained weights is --lr times this (the "
+                                                    "classifiers and anything new train at --lr).", at_least(0))
+    frozen_epochs: int = config_field(0, "With --init_from or a hub: backbone: the pretrained weights are not "
+                                         "updated during this many epochs at the start (the classifiers train "
+                                         "alone).", at_least(0))
     mixup_alpha: float = config_field(0.4, "Mixup Beta(alpha, alpha); 0 trains without mixup.",
                                       either(0, greater_than(0), "no mixup"))
     seed: int = config_field(1, "Seed of initialisation, shuffling, augmentation and mixup.", at_least(0))
@@ -172,11 +178,11 @@ class RunConfig:
                 problems.append(problem("milestones", self.milestones,
                                         f"strictly increasing epochs below --epochs={self.epochs}"))
                 fixes.append(f"--milestones={','.join(map(str, below))}")
-        if not self.init_from:
+        if not self.init_from and not self.backbone.startswith(names.HUB_PREFIX):
             unused = [(name, default) for name, default in (("pretrained_lr_factor", 1.0), ("frozen_epochs", 0))
                       if getattr(self, name) != default and name not in invalid]
-            problems += [problem(name, getattr(self, name), f"{default} without --init_from (nothing is pretrained)")
-                         for name, default in unused]
+            problems += [problem(name, getattr(self, name), f"{default} without --init_from or a hub: backbone "
+                                 "(nothing is pretrained)") for name, default in unused]
             fixes += ["--init_from=RUN_FOLDER"] if unused else []
         elif self.frozen_epochs >= self.epochs and not invalid & {"frozen_epochs", "epochs"}:
             problems.append(problem("frozen_epochs", self.frozen_epochs, f"below --epochs={self.epochs} (the "

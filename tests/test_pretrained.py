@@ -113,7 +113,7 @@ def test_init_from_a_run_folder_starts_from_its_trunk_and_keeps_it_while_frozen(
                           f"--init_from={source_dir}", f"--output_dir={run_dir}")
     # Before the first step: the trunk and every expert's stages are the source's.
     data = run_data.load_data(config)
-    model = task.build_model(config, data, 8, experiment._initialise(config.init_from, lambda report: None))
+    model = task.build_model(config, data, 8, experiment._initialise(config, lambda report: None))
     assert _same(_body(model.trunk), _body(source.trunk))
     assert all(_same(_body(e), _body(source.experts[0])) for e in model.experts)
     logs = []

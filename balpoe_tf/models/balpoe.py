@@ -11,7 +11,9 @@ from keras import layers, ops
 
 from balpoe_tf import precision
 from balpoe_tf.models.cifar_resnet import cifar_resnet
+from balpoe_tf.models.hub import hub_network
 from balpoe_tf.models.imagenet_resnet import imagenet_resnet
+from balpoe_tf.names import HUB_PREFIX
 
 
 # One registry of backbones: name -> builder(num_classes, num_experts, scale).
@@ -44,16 +46,22 @@ class BalPoENetwork(keras.Model):
     """
 
     def __init__(self, num_classes, num_experts=3, backbone="resnet32", scale=30.0,
-                 input_shape=(32, 32, 3), sync_bn=False, **kwargs):
+                 input_shape=(32, 32, 3), sync_bn=False, hub_config=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_experts) < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts}")
-        if backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
+        if backbone not in BACKBONES and not backbone.startswith(HUB_PREFIX):
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)} or {HUB_PREFIX}PRESET")
         self.num_classes, self.num_experts = int(num_classes), int(num_experts)
         self.backbone, self.scale = backbone, float(scale)
         self.image_shape, self.sync_bn = tuple(input_shape), bool(sync_bn)
-        self.trunk, self.experts = BACKBONES[backbone](self.num_classes, self.num_experts, self.scale)
+        if backbone.startswith(HUB_PREFIX):
+            self.trunk, self.experts, self.hub_config = hub_network(
+                backbone[len(HUB_PREFIX):], self.num_classes, self.num_experts, self.scale, self.image_shape,
+                hub_config)
+        else:
+            self.trunk, self.experts = BACKBONES[backbone](self.num_classes, self.num_experts, self.scale)
+            self.hub_config = None
         self._make_state()
         self.build((None,) + self.image_shape)
 
@@ -81,7 +89,7 @@ class BalPoENetwork(keras.Model):
     def get_config(self):
         return {"name": self.name, "num_classes": self.num_classes, "num_experts": self.num_experts,
                 "backbone": self.backbone, "scale": self.scale, "input_shape": self.image_shape,
-                "sync_bn": self.sync_bn}
+                "sync_bn": self.sync_bn, "hub_config": self.hub_config}
 
 
 def forward_function(model, jit_compile=False):
