@@ -6,7 +6,7 @@ tools/predict.py.
 Signatures (all return probabilities, logits, expert_logits, top_k_classes,
 top_k_scores, top_k_names):
 
-- `serving_default(images)`: encoded JPEG / PNG / GIF / BMP bytes, `[batch]` strings;
+- `serving_default(images)`: encoded JPEG / PNG / GIF / BMP / WebP bytes, `[batch]` strings;
   decoding, resizing and normalisation happen in the graph.
 - `predict_tensor(images)`: `[batch, H, W, C]` float32, already normalised (`PREDICT_TENSOR_INPUT`;
   the metadata holds the image shape, mean and std).
@@ -100,7 +100,7 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
         # decoder's own error would not say which image it was.
         checks = [
             (lambda c: tf.strings.length(c) > 0, "is empty (0 bytes)"),
-            (lt_data.image_file_ok, "is not a JPEG, PNG, GIF or BMP image"),
+            (lt_data.image_file_ok, "is not a JPEG, PNG, GIF, BMP or WebP image"),
             (lt_data.image_complete, "is truncated (its end is missing)"),
             (lt_data.decodes_as_pillow, "is a BMP of 8 bits or fewer per pixel: send it as PNG"),
             (lambda c: lt_data.image_pixels(c) <= max_pixels,
@@ -176,8 +176,9 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
     shutil.rmtree(partial, ignore_errors=True)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    for name, (fn, signature) in serving_functions(model, mean, std, class_names, train_counts,
-                                                   mean_lambda, top_k, test_crop, max_pixels, calibration).items():
+    functions = serving_functions(model, mean, std, class_names, train_counts, mean_lambda, top_k, test_crop,
+                                  max_pixels, calibration)
+    for name, (fn, signature) in functions.items():
         archive.add_endpoint(name, fn, input_signature=signature)
     archive.write_out(partial, verbose=False)
     # TF Serving ignores assets.extra (beyond its warm-up file); tools/predict.py reads the
@@ -188,6 +189,7 @@ def export_saved_model(model, export_dir: str, mean, std, class_names, train_cou
                    "mean_lambda": float(mean_lambda), "image_shape": list(model.image_shape),
                    "test_crop": float(test_crop), "mean": [float(m) for m in mean], "std": [float(v) for v in std],
                    "predict_tensor_input": PREDICT_TENSOR_INPUT, "precision": model.dtype_policy.name,
+                   "signatures": list(functions),
                    "calibration": None if calibration is None else calibration.to_dict()}, f, indent=1)
     os.rename(partial, path)
     return path
@@ -239,6 +241,8 @@ def export_from_config(config: ExportConfig, log=print) -> str:
     holdout = label_shift.load_holdout(config.run_dir, record.data.train_counts)
     path = export_run(model, record, export_dir, config.top_k,
                       int(config.max_image_megapixels * 1e6), None if holdout is None else holdout.calibration)
-    log(f"SavedModel for TF Serving: {path} (signatures {', '.join(SIGNATURES)}; computes in "
+    with open(os.path.join(path, "assets.extra", METADATA_NAME)) as f:
+        signatures = json.load(f)["signatures"]
+    log(f"SavedModel for TF Serving: {path} (signatures {', '.join(signatures)}; computes in "
         f"{model.dtype_policy.name})")
     return path

@@ -31,9 +31,10 @@ COMMANDS = {
     "python tools/predict.py --model=runs/demo --inputs=MY_PHOTOS/ --top_k=3": ("run", []),
     'docker run -p 8501:8501 -v "$PWD/runs/demo/export:/models/balpoe" -e MODEL_NAME=balpoe tensorflow/serving':
         ("skip", "no Docker engine here; the SavedModel's signatures are tested in test_export.py"),
-    "TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:12345\", \"host2:12345\"]}, \"task\": {\"type\": \"worker\", "
-    "\"index\": 0}}' python tools/train.py --flagfile=configs/imagenet_lt.flags --strategy=multi_worker "
-    "--output_dir=/shared/run": ("skip", "needs ImageNet-LT and two machines; test_experiment.py runs two workers"),
+    **{"TF_CONFIG='{\"cluster\": {\"worker\": [\"host1:12345\", \"host2:12345\"]}, \"task\": {\"type\": \"worker\", "
+       f"\"index\": {index}}}}}' python tools/train.py --flagfile=configs/imagenet_lt.flags --strategy=multi_worker "
+       "--output_dir=/shared/run": ("skip", "needs ImageNet-LT and two machines; test_experiment.py runs two workers")
+       for index in (0, 1)},
     "tensorboard --logdir runs": ("skip", "a server; what it reads is tested in test_experiment.py"),
 }
 
@@ -86,6 +87,7 @@ def test_readme_commands_run_as_written(tmp_path):
             assert result.stdout.startswith("3 image(s), 0 skipped")
         if "evaluate.py" in command:
             assert "| demo | no prior |" in result.stdout and "| baseline_ce |" in result.stdout
+            assert "retracing" not in result.stderr  # one trace per model, whatever the batch
     for name, action in GUIDES.items():
         if action != "run":
             continue

@@ -46,6 +46,9 @@ def test_layout_and_versions(run, tmp_path):
     first = export.export_run(model, record, str(tmp_path))
     second = export.export_run(model, record, str(tmp_path))
     assert (os.path.basename(first), os.path.basename(second)) == ("1", "2")
+    with open(os.path.join(first, "assets.extra", export.METADATA_NAME)) as f:
+        assert json.load(f)["signatures"] == list(export.SIGNATURES)  # what it holds, named for the log
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # each written whole, then renamed into place
 
 
 @pytest.mark.slow
@@ -92,7 +95,7 @@ def test_bad_inputs_give_clear_errors_and_the_model_keeps_serving(run):
     good = tf.constant([_png(data.test.images[0])])
     cases = [
         ("serving_default", dict(images=tf.constant([b"not an image"])),
-         "image 0 of the batch is not a JPEG, PNG, GIF or BMP image"),
+         "image 0 of the batch is not a JPEG, PNG, GIF, BMP or WebP image"),
         ("predict_tensor", dict(images=tf.zeros([1, 9, 8, 1])), "images must be a \\[batch, 8, 8, 1\\] tensor"),
         ("predict_with_prior", dict(images=good, prior=tf.ones([3])), "prior must have 10 entries"),
         ("predict_with_prior", dict(images=good, prior=tf.constant([-1.0] + [1.0] * 9)), "no negative entries"),
@@ -295,7 +298,7 @@ def test_the_image_corpus_is_served_or_refused_by_its_place_in_the_batch(rgb_exp
     serve = lambda *images: rgb_export(images=tf.constant(list(images)))["logits"].numpy()  # noqa: E731
     good = _png(np.zeros((8, 8, 3), np.uint8))
     # Pillow reads them, TensorFlow does not (or misreads them): tools/predict.py converts them first.
-    refused_here = {"scan.tif": "is not a JPEG, PNG, GIF or BMP image",
+    refused_here = {"scan.tif": "is not a JPEG, PNG, GIF, BMP or WebP image",
                     "palette.bmp": "is a BMP of 8 bits or fewer per pixel: send it as PNG"}
     for name, (contents, kind) in corpus().items():
         if kind.pixels is not None and name not in refused_here:

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from balpoe_tf import data as lt_data, run_data
-from balpoe_tf import evaluation, experiment, inference, label_shift, run_config, run_folder, settings
+from balpoe_tf import evaluation, experiment, export, inference, label_shift, run_config, run_folder, settings
 from balpoe_tf.config import ConfigError, RunError
 from conftest import REPO
 from image_corpus import write_corpus
@@ -213,6 +213,8 @@ def test_predict_tool(run):
 def test_saved_model_serves_the_calibrated_adaptation(run):
     saved = tf.saved_model.load(str(run[0] / "run" / "export" / "1"))
     serve = saved.signatures["predict_calibrated_with_prior"]
+    with open(run[0] / "run" / "export" / "1" / "assets.extra" / "balpoe_tf.json") as f:
+        assert json.load(f)["signatures"] == [*export.SIGNATURES, "predict_calibrated_with_prior"]  # all 5 named
     prior = np.arange(1, 11, dtype=np.float32)
     images = tf.constant([open(p, "rb").read() for p in run[4]])
     served = serve(images=images, prior=tf.constant(prior))["logits"].numpy()

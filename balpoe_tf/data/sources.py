@@ -120,12 +120,13 @@ def _tfds_builder(name: str, data_dir: Optional[str], download: bool):
 
 def _unavailable(name: str, data_dir: Optional[str], builder, error: Exception) -> DataError:
     where = data_dir or os.path.join("~", "tensorflow_datasets")
-    command = f"tfds build {name} --data_dir={data_dir or 'DIR'}"
+    command = f"`tfds build {name} --data_dir={data_dir or 'DIR'}`"
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-        command += " --manual_dir=MANUAL` (MANUAL holding the archives TFDS asks for, downloaded by hand"
+        command = (f"`tfds build {name} --data_dir={data_dir or 'DIR'} --manual_dir=MANUAL`, MANUAL holding the "
+                   "archives TFDS asks for, downloaded by hand")
     return DataError(
         f"TFDS dataset {name!r} is not available offline in {where} ({error.__class__.__name__}). "
-        f"Provide it one of three ways: prepare it with TFDS where there is internet (`{command}`) and "
+        f"Provide it one of three ways: prepare it with TFDS where there is internet ({command}) and "
         "pass --data_dir=DIR; save arrays to an .npz with x_train/y_train/x_test/y_test and use "
         "--dataset=npz --data_path=FILE; or use --dataset=folder --data_path=DIR with train/ and test/ "
         "class folders")

