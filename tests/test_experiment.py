@@ -368,8 +368,8 @@ def _check_hparams_dashboard(out, balpoe_results, ce_results):
     experiment_info = metadata.parse_experiment_plugin_data(content["tensorboard"][metadata.EXPERIMENT_TAG])
     assert [m.name.tag for m in experiment_info.metric_infos] == [f"final/{m}" for m in callbacks.FINAL_METRICS]
     domains = {h.name: list(h.domain_discrete.values) for h in experiment_info.hparam_infos}
-    assert "resnet8" in [v.string_value for v in domains["backbone"]] and "output_dir" not in domains
-    assert not domains["dataset"]  # tfds:NAME takes any name: no list of values
+    assert "none" in [v.string_value for v in domains["augment"]] and "output_dir" not in domains
+    assert not domains["dataset"] and not domains["backbone"]  # tfds:NAME, hub:PRESET: any name, no list
     for run, results in (("tensorboard", balpoe_results), (os.path.join("baseline_ce", "tensorboard"), ce_results)):
         for name in ("accuracy", "ece", "nll"):
             (event,) = mux.Tensors(run, f"final/{name}")
