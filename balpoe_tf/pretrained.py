@@ -8,6 +8,9 @@ Sources: a run folder of tools/train.py (its final model, else its newest checkp
 their place in the trunk and in each expert, which only the same architecture makes meaningful.
 Expert m of the run starts from expert m of the source, or from expert m mod M' when the source
 has fewer (M'), so that a one-expert network seeds every expert.
+
+A network on a keras-hub backbone (`--backbone=hub:PRESET`) takes its preset's weights when it is
+made; `preset_report` reports them the same way.
 """
 
 import dataclasses
@@ -135,32 +138,27 @@ def copy_weights(source: BalPoENetwork, target: BalPoENetwork, source_name: str)
     pairs = [(_body(source.trunk), _body(target.trunk))]
     pairs += [(_body(source.experts[m % len(source.experts)]), _body(expert))
               for m, expert in enumerate(target.experts)]
-    trainable = {id(v): i for i, v in enumerate(target.trainable_variables)}
-    loaded, left, pretrained, total = 0, [], [], 0
+    loaded, why = [], {}
     for from_weights, to_weights in pairs:
         for i, weight in enumerate(to_weights):
-            size = int(np.prod(weight.shape))
-            total += size
-            name = weight.path.split("/", 1)[-1]  # without the model's name
             if i >= len(from_weights):
-                left.append((name, "missing in the source"))
+                why[id(weight)] = "missing in the source"
             elif tuple(from_weights[i].shape) != tuple(weight.shape):
-                left.append((name, f"shape {tuple(from_weights[i].shape)} in the source, {tuple(weight.shape)} here"))
+                why[id(weight)] = f"shape {tuple(from_weights[i].shape)} in the source, {tuple(weight.shape)} here"
             else:
                 weight.assign(from_weights[i].numpy())
-                loaded += size
-                if id(weight) in trainable:
-                    pretrained.append(trainable[id(weight)])
-    tensors = sum(len(to) for _, to in pairs)
-    return InitReport(source_name, tensors - len(left), loaded, tensors, total, left, sorted(pretrained))
+                loaded.append(weight)
+    return _report(target, source_name, loaded, why)
 
 
-def _report(model: BalPoENetwork, source: str, loaded: list) -> InitReport:
-    """The report of `loaded`, the weights of `model` that came from `source`."""
-    copied = {id(w) for w in loaded}
+def _report(model: BalPoENetwork, source: str, loaded: list, why=None) -> InitReport:
+    """The report of `loaded`, the weights of `model` that came from `source`; `why` gives the
+    reason (by `id`) of a weight left at its initial value, "a new layer" by default."""
+    copied, why = {id(w) for w in loaded}, why or {}
     body = [w for part in (model.trunk, *model.experts) for w in _body(part)]
     trainable = {id(v): i for i, v in enumerate(model.trainable_variables)}
-    left = [(w.path.split("/", 1)[-1], "a new layer") for w in body if id(w) not in copied]
+    # Named without the model's name, which Keras numbers per process.
+    left = [(w.path.split("/", 1)[-1], why.get(id(w), "a new layer")) for w in body if id(w) not in copied]
     return InitReport(source, len(body) - len(left), sum(int(np.prod(w.shape)) for w in loaded), len(body),
                       sum(int(np.prod(w.shape)) for w in body), left,
                       sorted(trainable[id(w)] for w in loaded if id(w) in trainable))
