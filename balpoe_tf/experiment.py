@@ -337,8 +337,9 @@ def train_with_baselines(config: RunConfig, log: Callable[[str], None] = print) 
             read_record(config.output_dir).settings.precision, "compared")
         rows[name] = train(baseline, log, same)
     table = format_table(rows)
-    with open(RunFolder(config.output_dir).results_table, "w") as f:
-        f.write(f"Balanced test set of {config.dataset}, IR {config.imbalance_ratio:g}, "
-                f"{config.epochs} epochs (% except NLL)\n\n{table}\n")
+    # Written from the finished runs each time the command ends: a stop before it loses nothing,
+    # since the command started again finds every run finished and writes it.
+    write_atomic(RunFolder(config.output_dir).results_table, f"Balanced test set of {config.dataset}, IR "
+                 f"{config.imbalance_ratio:g}, {config.epochs} epochs (% except NLL)\n\n{table}\n")
     log(table)
     return rows
