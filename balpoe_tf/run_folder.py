@@ -4,6 +4,7 @@ checks that a resumed run is the same run."""
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from balpoe_tf import label_shift
 from balpoe_tf.config import RunError
 from balpoe_tf.data import fingerprint
 from balpoe_tf.models import precision_policy
+from balpoe_tf.reporting import write_atomic
 from balpoe_tf.run_config import RUN_CONTROL, RunConfig
 
 
@@ -280,23 +282,26 @@ def missing_artefacts(config: RunConfig) -> List[str]:
         missing.append(calibration)
     if config.export and not glob.glob(os.path.join(folder.export, "[0-9]*", "saved_model.pb")):
         missing.append(folder.export)
+    if _saved_results(folder, config.epochs) is None:
+        missing.append(folder.results)
+    return missing
+
+
+def _saved_results(folder: RunFolder, epochs: int) -> Optional[dict]:
+    """The test metrics results.json holds for a run of `epochs`, or None (absent, unreadable,
+    another run's)."""
     try:
         with open(folder.results) as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        saved = {}
-    if saved.get("epochs") != config.epochs or "test" not in saved:
-        missing.append(folder.results)
-    return missing
+        return None
+    return saved.get("test") if saved.get("epochs") == epochs else None
 
 
 def finished_results(config: RunConfig):
     """The final test metrics of a run of `config` that has finished and written everything it
     promises (`missing_artefacts`), or None."""
-    if missing_artefacts(config):
-        return None
-    with open(RunFolder(config.output_dir).results) as f:
-        return json.load(f)["test"]
+    return None if missing_artefacts(config) else _saved_results(RunFolder(config.output_dir), config.epochs)
 
 
 # How many changed files a message names.
@@ -316,7 +321,7 @@ def _split_files(split) -> Optional[dict]:
 
 def write_data_files(output_dir: str, data) -> None:
     """Record the files, labels and content digests of `data`'s image-file splits (`data_files.npz`),
-    so that `check_same_data` can name what changed."""
+    so that `split_changes` can name what changed."""
     arrays = {}
     for name in ("train", "test"):
         files = _split_files(getattr(data, name))
@@ -324,9 +329,9 @@ def write_data_files(output_dir: str, data) -> None:
             arrays[f"{name}_paths"] = np.array(list(files), dtype=str)
             arrays[f"{name}_items"] = np.array(list(files.values()), np.int64)
     if arrays:
-        tmp = RunFolder(output_dir).data_files + ".tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, RunFolder(output_dir).data_files)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_atomic(RunFolder(output_dir).data_files, buffer.getvalue())
 
 
 def _recorded_files(output_dir: str, name: str) -> Optional[dict]:
@@ -367,7 +372,8 @@ def check_same_training_data(output_dir: str, record: RunRecord, data) -> None:
     compared by fingerprint (labels and image bytes or pixels) where the run recorded one, by
     class counts for runs from before. The class prior is part of the loss."""
     saved, now = record.data.train_fingerprint, fingerprint(data.train)
-    if (now == saved) if saved and now else data.train_counts().tolist() == record.data.train_counts:
+    same = now == saved if saved and now else data.train_counts().tolist() == record.data.train_counts
+    if same:
         return
     changes = split_changes(output_dir, "train", data.train, data.class_names, record.data.train_counts)
     raise RunError(f"the training data is not what {output_dir} started with: {changes}. The class prior is part "
