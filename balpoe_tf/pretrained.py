@@ -1,26 +1,36 @@
 """Starting a run from what a network already knows (`--init_from`): the trunk and the experts'
-stages of a trained BalPoE network copied into a new one, tensor by tensor where the shapes
-match; the cosine classifiers are always new (the classes are others).
+stages of a trained network copied into a new one, tensor by tensor where the shapes match; the
+cosine classifiers are always new (the classes are others).
 
-Sources: a run folder of tools/train.py (its final model, else its newest checkpoint), a
-`.keras` file of a BalPoE network or model, or a `.weights.h5` file written by
+Sources of this project: a run folder of tools/train.py (its final model, else its newest
+checkpoint), a `.keras` file of a BalPoE network or model, or a `.weights.h5` file written by
 `save_weights` of one. Source and run must have the same `--backbone`: the tensors are paired by
 their place in the trunk and in each expert, which only the same architecture makes meaningful.
 Expert m of the run starts from expert m of the source, or from expert m mod M' when the source
 has fewer (M'), so that a one-expert network seeds every expert.
+
+Plain backbones, for `--backbone=resnet50`: a keras-hub preset (a name, or a folder written by
+`save_to_preset`), a `.keras` file of a keras-hub ResNet (or of a model holding one), or a
+`.weights.h5` file of keras-hub's ResNet-50. keras-hub's bottleneck ResNet is torchvision's, as
+ours is, so its layers pair with ours by name (`keras_hub_names`): the stem and stacks 0-1 fill the
+trunk, stacks 2-3 every expert's last stages.
 
 A network on a keras-hub backbone (`--backbone=hub:PRESET`) takes its preset's weights when it is
 made; `preset_report` reports them the same way.
 """
 
 import dataclasses
+import importlib.util
 import os
+import warnings
 from typing import List, Tuple
 
+import keras
 import numpy as np
 
 from balpoe_tf.config import RunError
 from balpoe_tf.models import BalPoENetwork
+from balpoe_tf.models.hub import from_preset, keras_hub
 from balpoe_tf.run_folder import latest_checkpoint, load_model_file, read_record, RunFolder
 
 # A source that fills less than this share of the run's parameters outside the classifiers is
@@ -29,6 +39,9 @@ MIN_LOADED_SHARE = 0.5
 
 # How many tensors left at their initial values a report names.
 NAMED = 5
+
+SOURCES = ("pass a run folder of tools/train.py, a .keras or .weights.h5 file, or a keras-hub preset (a name, or "
+           "a folder written by save_to_preset)")
 
 
 @dataclasses.dataclass
@@ -71,8 +84,8 @@ def _source_file(path: str) -> str:
     if os.path.isdir(path):
         folder = RunFolder(path)
         if read_record(path) is None:
-            raise RunError(f"--init_from={path} is a folder without a run's config.json: pass a run folder of "
-                           "tools/train.py, a .keras file or a .weights.h5 file")
+            raise RunError(f"--init_from={path} is a folder without a run's config.json or a preset's "
+                           f"metadata.json: {SOURCES}")
         if os.path.isfile(folder.model):
             return folder.model
         _, checkpoint = latest_checkpoint(path)
@@ -80,14 +93,55 @@ def _source_file(path: str) -> str:
             raise RunError(f"--init_from={path} holds no trained model yet (no model.keras, no checkpoint)")
         return checkpoint
     if not os.path.isfile(path):
-        raise RunError(f"--init_from={path} does not exist: pass a run folder of tools/train.py, a .keras file "
-                       "or a .weights.h5 file")
+        raise RunError(f"--init_from={path} does not exist: {SOURCES}")
     return path
 
 
-def _from_weights_file(path: str, like: BalPoENetwork) -> BalPoENetwork:
+def _check_takes_plain(path: str, like: BalPoENetwork):
+    """Refuse, before anything is loaded, a run whose backbone has no keras-hub counterpart."""
+    if not hasattr(like.trunk, "keras_hub_names"):
+        what = ("names no file or folder here, so it is read as a keras-hub preset" if _is_preset_name(path) else
+                "is a plain backbone (a keras-hub preset, or a Keras file that is not a BalPoE network)")
+        raise RunError(f"--init_from={path} {what}, and --backbone={like.backbone} has no keras-hub counterpart to "
+                       "take it from: pass --backbone=resnet50 (keras-hub's ResNet-50), or a run folder or model "
+                       f"file of this project with --backbone={like.backbone}")
+
+
+def _plain_weights_file(path: str, like: BalPoENetwork) -> keras.Model:
+    """keras-hub's ResNet-50 with the weights of `path`, a plain backbone's `save_weights` file
+    (which holds no architecture: that of `like`'s keras-hub counterpart is assumed)."""
+    _check_takes_plain(path, like)
+    config = like.trunk.keras_hub_config()
+    if config is None:
+        raise RunError(f"--init_from={path} holds a plain backbone's weights without its network, and keras-hub "
+                       f"has no {like.backbone} to read them into: pass a .keras file or a preset folder, which "
+                       "carry their network")
+    hub = keras_hub(f"--init_from={path} (a plain backbone's weights)")
+    backbone = hub.models.ResNetBackbone(**config, image_shape=(None, None, like.image_shape[-1]), dtype="float32")
+    # Keras loads a file of another network in part, warning of each part skipped: that is a
+    # mismatch too, as much as the errors it raises.
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always")
+        try:
+            backbone.load_weights(path)
+            problem = str(skipped[0].message) if skipped else ""
+        except Exception as e:  # Keras names a mismatch in several error types
+            problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise RunError(f"--init_from={path} holds neither a BalPoE network's weights nor keras-hub's ResNet-50's "
+                       f"({problem.splitlines()[0][:200]}): pass a run folder, a .keras file or a keras-hub preset")
+    return backbone
+
+
+def _is_preset_name(path: str) -> bool:
+    """Whether `--init_from=path`, naming nothing on disk, reads as a keras-hub preset: a handle
+    (`kaggle://...`, `hf://...`) or a bare name such as `resnet_50_imagenet`."""
+    return not os.path.exists(path) and ("://" in path or (os.sep not in path and not os.path.splitext(path)[1]))
+
+
+def _from_weights_file(path: str, like: BalPoENetwork):
     """The BalPoE network whose `save_weights` wrote `path`, with the backbone of `like` (its
-    experts and classes read from the file)."""
+    experts and classes read from the file), or the plain backbone whose file it is."""
     import h5py
 
     try:
@@ -99,7 +153,7 @@ def _from_weights_file(path: str, like: BalPoENetwork) -> BalPoENetwork:
     experts = {name.split("/")[1] for name, _ in names if name.startswith("experts/")}
     classifiers = [shape for name, shape in names if name.startswith("experts/") and "/classifier/" in name]
     if not experts or not classifiers:
-        raise RunError(f"--init_from={path} holds no BalPoE network's weights (no experts with classifiers)")
+        return _plain_weights_file(path, like)
     network = BalPoENetwork(classifiers[0][-1], len(experts), like.backbone, like.scale, like.image_shape)
     try:
         network.load_weights(path)
@@ -110,15 +164,25 @@ def _from_weights_file(path: str, like: BalPoENetwork) -> BalPoENetwork:
     return network
 
 
-def load_source(path: str, like: BalPoENetwork) -> Tuple[str, BalPoENetwork]:
-    """(file, network) that `--init_from=path` names, checked to have the backbone of `like`."""
+def load_source(path: str, like: BalPoENetwork) -> Tuple[str, keras.Model]:
+    """(file or preset, network) that `--init_from=path` names: a BalPoE network checked to have
+    the backbone of `like`, or a plain backbone (module docstring)."""
+    if _is_preset_name(path) or os.path.isfile(os.path.join(path, "metadata.json")):
+        _check_takes_plain(path, like)
+        flag = f"--init_from={path}" + (" (no such file or folder: read as a preset)" if _is_preset_name(path) else "")
+        return path, from_preset(path, flag, "float32")
     source = _source_file(path)
     if source.endswith(".weights.h5"):
         network = _from_weights_file(source, like)
     else:
+        if importlib.util.find_spec("keras_hub"):
+            import keras_hub  # noqa: F401 (registers its classes, which a saved keras-hub model names)
         network = load_model_file(source)
     if not isinstance(network, BalPoENetwork):
-        raise RunError(f"--init_from={path}: {source} holds a {type(network).__name__}, not a BalPoE network")
+        if not isinstance(network, keras.Model):
+            raise RunError(f"--init_from={path}: {source} holds a {type(network).__name__}, not a network")
+        _check_takes_plain(path, like)
+        return source, network
     if network.backbone != like.backbone:
         raise RunError(f"--init_from={path} is a {network.backbone} network and this run's --backbone is "
                        f"{like.backbone}: pass --backbone={network.backbone}, or a source of {like.backbone}")
@@ -151,6 +215,28 @@ def copy_weights(source: BalPoENetwork, target: BalPoENetwork, source_name: str)
     return _report(target, source_name, loaded, why)
 
 
+def copy_named_weights(source: keras.Model, target: BalPoENetwork, source_name: str) -> InitReport:
+    """Copy each layer of the plain backbone `source` into the layer of `target` of the same
+    keras-hub name (`keras_hub_names`): the trunk once, the last stages into every expert."""
+    found = {layer.name: layer for layer in source._flatten_layers()}
+    named = target.trunk.keras_hub_names() + [pair for e in target.experts for pair in e.keras_hub_names()]
+    loaded, why = [], {}
+    for name, layer in named:
+        theirs = found.get(name)
+        if theirs is None or len(theirs.weights) != len(layer.weights):
+            reason = (f"no layer {name} in the source" if theirs is None else
+                      f"{len(theirs.weights)} tensors in the source's {name}, {len(layer.weights)} here")
+            why.update((id(w), reason) for w in layer.weights)
+            continue
+        for mine, their in zip(layer.weights, theirs.weights):
+            if tuple(mine.shape) != tuple(their.shape):
+                why[id(mine)] = f"shape {tuple(their.shape)} in the source's {name}, {tuple(mine.shape)} here"
+            else:
+                mine.assign(keras.ops.convert_to_numpy(their))
+                loaded.append(mine)
+    return _report(target, source_name, loaded, why)
+
+
 def _report(model: BalPoENetwork, source: str, loaded: list, why=None) -> InitReport:
     """The report of `loaded`, the weights of `model` that came from `source`; `why` gives the
     reason (by `id`) of a weight left at its initial value, "a new layer" by default."""
@@ -179,10 +265,13 @@ def initialise(model: BalPoENetwork, path: str) -> InitReport:
             model's parameters outside the classifiers (naming the first mismatches).
     """
     source_name, source = load_source(path, model)
-    report = copy_weights(source, model, source_name)
+    plain = not isinstance(source, BalPoENetwork)
+    report = (copy_named_weights if plain else copy_weights)(source, model, source_name)
     if report.loaded_params < MIN_LOADED_SHARE * report.total_params:
         raise RunError(f"--init_from={path} fills only {report.loaded_params:,} of {report.total_params:,} "
                        "parameters outside the classifiers; first mismatches: "
                        + "; ".join(f"{name}: {why}" for name, why in report.left[:NAMED])
-                       + ". Pass a source with this run's --backbone and image channels")
+                       + (". Pass keras-hub's bottleneck ResNet-50 (e.g. the preset resnet_50_imagenet) with this "
+                          "run's image channels" if plain else
+                          ". Pass a source with this run's --backbone and image channels"))
     return report

@@ -115,8 +115,10 @@ class RunConfig:
     sync_bn: bool = config_field(False, "Synchronise batch-norm statistics across replicas.")
     init_from: str = config_field("", "Start from a trained network instead of random weights: a run folder or "
                                       ".keras file of tools/train.py, or a .weights.h5 file of a BalPoE network, "
-                                      "with the same --backbone. Its trunk and experts' stages are loaded where "
-                                      "the shapes match; the classifiers are always new.")
+                                      "with the same --backbone; with --backbone=resnet50 also a keras-hub "
+                                      "preset (name or folder) or a plain keras-hub ResNet-50 file. Its trunk and "
+                                      "experts' stages are loaded where the shapes match; the classifiers are "
+                                      "always new.")
     # Optimisation.
     epochs: int = config_field(200, "Training epochs.", at_least(1))
     batch_size: int = config_field(128, "Global batch size.", at_least(1))

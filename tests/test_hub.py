@@ -57,9 +57,12 @@ def test_another_family_is_the_trunk_whole_with_a_dense_head_per_expert(tmp_path
 
 def test_without_keras_hub_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "keras_hub", None)  # as if not installed
-    with pytest.raises(RunError, match=r'^--backbone=hub:PRESET needs keras-hub, an optional extra: '
+    with pytest.raises(RunError, match=r'^--backbone=hub:resnet_18_imagenet needs keras-hub, an optional extra: '
                                        r'pip install -e "\.\[hub\]"$'):
         models.BalPoENetwork(4, 2, "hub:resnet_18_imagenet", input_shape=(32, 32, 3))
+    with pytest.raises(RunError, match=r'^--init_from=resnet_50_imagenet \(no such file or folder: read as a '
+                                       r'preset\) needs keras-hub, an optional extra: pip install -e "\.\[hub\]"$'):
+        pretrained.initialise(models.BalPoENetwork(4, 1, "resnet50", input_shape=(32, 32, 3)), "resnet_50_imagenet")
 
 
 def test_a_preset_keras_hub_cannot_load_is_named(tmp_path):

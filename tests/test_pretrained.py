@@ -4,6 +4,7 @@ and what is refused."""
 import json
 import re
 
+import keras
 import numpy as np
 import pytest
 
@@ -11,7 +12,7 @@ from balpoe_tf import experiment, models, pretrained, run_data, task
 from balpoe_tf.config import RunError
 from balpoe_tf.run_config import RunConfig
 from balpoe_tf.run_folder import checkpoints, load_model_file, load_run
-from conftest import parse_config
+from conftest import assert_float32_close, parse_config
 
 
 def _network(experts, classes=4, channels=3, backbone="resnet8"):
@@ -128,3 +129,77 @@ def test_init_from_a_run_folder_starts_from_its_trunk_and_keeps_it_while_frozen(
     assert _same(trainable, [w.numpy() for w in source.trunk.trainable_weights])
     final, _ = load_run(str(run_dir))
     assert not _same([w.numpy() for w in final.trunk.trainable_weights], trainable)  # then it trains
+
+
+def _keras_hub_resnet50(target):
+    """keras-hub's ResNet-50 (random weights, random batch-norm statistics, no download)."""
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.ResNetBackbone(**target.trunk.keras_hub_config(), image_shape=(None, None, 3))
+    rng = np.random.default_rng(0)
+    for layer in backbone.layers:
+        if layer.name.endswith("_bn"):  # gamma, beta, moving mean, moving variance: none at its default
+            for w, low in zip(layer.weights, (0.5, -0.5, -0.5, 0.5)):
+                w.assign(rng.uniform(low, low + 1.0, w.shape).astype("float32"))
+    return backbone
+
+
+@pytest.mark.slow
+def test_a_keras_hub_resnet50_is_this_resnet50_layer_for_layer(tmp_path):
+    target = models.BalPoENetwork(4, 2, "resnet50", input_shape=(32, 32, 3))
+    source = _keras_hub_resnet50(target)
+    report = pretrained.copy_named_weights(source, target, "hub")
+    assert report.left == [] and report.loaded_tensors == report.total_tensors
+    # The same function, not only the same tensors: the trunk ends where keras-hub's stack 1 does,
+    # and each expert's stages compute its stacks 2 and 3.
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    cut = keras.Model(source.input, source.get_layer("stack1_block3_out").output)
+    features = target.trunk(images, training=False)
+    assert_float32_close(features, cut(images, training=False))
+    for expert in target.experts:
+        out = expert.layer4(expert.layer3(features, training=False), training=False)
+        assert_float32_close(out, source(images, training=False))
+
+
+@pytest.mark.slow
+def test_a_keras_hub_preset_folder_keras_file_and_weights_file_initialise_resnet50(tmp_path):
+    target = models.BalPoENetwork(4, 3, "resnet50", input_shape=(32, 32, 3))
+    source = _keras_hub_resnet50(target)
+    source.save_to_preset(str(tmp_path / "preset"))
+    source.save(tmp_path / "plain.keras")
+    source.save_weights(tmp_path / "plain.weights.h5")
+    expected = [w.numpy() for w in source.weights]
+    for path in (tmp_path / "preset", tmp_path / "plain.keras", tmp_path / "plain.weights.h5"):
+        fresh = models.BalPoENetwork(4, 3, "resnet50", input_shape=(32, 32, 3))
+        report = pretrained.initialise(fresh, str(path))
+        assert (report.source, report.left) == (str(path), [])
+        copied = {name: layer for name, layer in fresh.trunk.keras_hub_names() + fresh.experts[2].keras_hub_names()}
+        for name, layer in copied.items():
+            assert _same([w.numpy() for w in layer.weights], [w.numpy() for w in source.get_layer(name).weights])
+    assert _same([w.numpy() for w in source.weights], expected)  # the source is read, not changed
+
+
+@pytest.mark.slow
+def test_plain_sources_that_do_not_fit_are_refused_with_the_fix(tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    resnet50 = models.BalPoENetwork(4, 1, "resnet50", input_shape=(32, 32, 3))
+    tiny = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 16],
+        stackwise_num_blocks=[1, 1], stackwise_num_strides=[1, 2], block_type="bottleneck_block", image_shape=(None, None, 3))
+    tiny.save_to_preset(str(tmp_path / "tiny"))
+    with pytest.raises(RunError, match=r"--init_from=.*tiny fills only .* first mismatches: trunk/.*: shape "
+                                       r"\(3, 3, 3, 64\) in the source's conv1_conv, \(7, 7, 3, 64\) here.* Pass "
+                                       r"keras-hub's bottleneck ResNet-50 \(e.g. the preset resnet_50_imagenet\)"):
+        pretrained.initialise(resnet50, str(tmp_path / "tiny"))
+    with pytest.raises(RunError, match=r"--init_from=no_such_preset \(no such file or folder: read as a preset\): "
+                                       "keras-hub cannot load this preset"):
+        pretrained.initialise(resnet50, "no_such_preset")
+    dense = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    dense.save_weights(tmp_path / "dense.weights.h5")
+    with pytest.raises(RunError, match="holds neither a BalPoE network's weights nor keras-hub's ResNet-50's"):
+        pretrained.initialise(resnet50, str(tmp_path / "dense.weights.h5"))
+    # A backbone without a keras-hub counterpart is refused before anything is read or downloaded.
+    with pytest.raises(RunError, match="--init_from=resnet_50_imagenet names no file or folder here, so it is read "
+                                       "as a keras-hub preset, and --backbone=resnet8 has no keras-hub counterpart"):
+        pretrained.initialise(_network(3), "resnet_50_imagenet")
+    with pytest.raises(RunError, match=r"is a plain backbone .* --backbone=resnet8 has no keras-hub counterpart"):
+        pretrained.initialise(_network(3, backbone="resnet8"), str(tmp_path / "tiny"))

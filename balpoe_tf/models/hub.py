@@ -25,30 +25,36 @@ from balpoe_tf.models.layers import CosineClassifier
 from balpoe_tf.names import HUB_PREFIX
 
 
-def keras_hub():
-    """The keras_hub module, or a one-line error naming the extra that installs it."""
+def keras_hub(flag: str = f"--backbone={HUB_PREFIX}PRESET"):
+    """The keras_hub module, or a one-line error saying that `flag` needs the extra that installs it."""
     try:
         import keras_hub as module
     except ImportError:
-        raise RunError(f"--backbone={HUB_PREFIX}PRESET needs keras-hub, an optional extra: "
-                       "pip install -e \".[hub]\"") from None
+        raise RunError(f"{flag} needs keras-hub, an optional extra: pip install -e \".[hub]\"") from None
     return module
+
+
+def from_preset(preset: str, flag: str, dtype: str):
+    """The keras-hub backbone of `preset` (a name or a folder), with its weights, computing in
+    `dtype`; a preset keras-hub cannot load is a `RunError` naming `flag`."""
+    hub = keras_hub(flag)
+    try:
+        return hub.models.Backbone.from_preset(preset, dtype=dtype)
+    except Exception as e:  # keras-hub reports a missing or foreign preset in several error types
+        raise RunError(f"{flag}: keras-hub cannot load this preset ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else 'no details'}): pass a keras-hub preset name "
+                       "or a folder written by save_to_preset") from None
 
 
 def load_backbone(preset: str = "", config=None):
     """A keras-hub backbone computing in the global precision policy: `preset`'s, with its
     weights, or (for a saved network) one made from its serialized `config`, without them."""
-    hub = keras_hub()
     dtype = keras.mixed_precision.global_policy().name
-    if config is not None:
-        config = {**config, "config": {**config["config"], "dtype": dtype}}
-        return keras.saving.deserialize_keras_object(config)
-    try:
-        return hub.models.Backbone.from_preset(preset, dtype=dtype)
-    except Exception as e:  # keras-hub reports a missing or foreign preset in several error types
-        raise RunError(f"--backbone={HUB_PREFIX}{preset}: keras-hub cannot load this preset ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200] if str(e) else 'no details'}): pass a keras-hub preset name "
-                       "or a folder written by save_to_preset") from None
+    if config is None:
+        return from_preset(preset, f"--backbone={HUB_PREFIX}{preset}", dtype)
+    keras_hub()  # registers keras-hub's classes, which the configuration names
+    config = {**config, "config": {**config["config"], "dtype": dtype}}
+    return keras.saving.deserialize_keras_object(config)
 
 
 def _resnet_cut(backbone):

@@ -8,6 +8,25 @@ from balpoe_tf.models.layers import (BlockStack, CosineClassifier, batch_norm, c
                                      strided_shape)
 
 
+def _convs_and_norms(chain):
+    return ([layer for layer in chain if isinstance(layer, layers.Conv2D)],
+            [layer for layer in chain if isinstance(layer, layers.BatchNormalization)])
+
+
+def _keras_hub_stage_names(stage, index):
+    """(name, layer) of a stage's convolutions and batch norms, named as keras-hub's
+    `ResNetBackbone` names the same layers of its stack `index` (`_0_` is the projection)."""
+    named = []
+    for b, block in enumerate(stage.units):
+        convs, norms = _convs_and_norms(block.main)
+        for k, (conv, norm) in enumerate(zip(convs, norms), 1):
+            named += [(f"stack{index}_block{b}_{k}_conv", conv), (f"stack{index}_block{b}_{k}_bn", norm)]
+        if block.projection:
+            (conv,), (norm,) = _convs_and_norms(block.projection)
+            named += [(f"stack{index}_block{b}_0_conv", conv), (f"stack{index}_block{b}_0_bn", norm)]
+    return named
+
+
 def _build_chain(chain, input_shape):
     for layer in chain:
         layer.build(input_shape)
@@ -109,6 +128,23 @@ class ImageNetResNetTrunk(layers.Layer):
         x = _run_chain(self.stem, x, training)
         return self.layer2(self.layer1(x, training=training), training=training)
 
+    def keras_hub_names(self):
+        """(name, layer) of each convolution and batch norm, named as in keras-hub's
+        `ResNetBackbone`, whose bottleneck ResNet-50 is this network (torchvision's, the
+        stride in the 3x3 convolution): `--init_from` of a keras-hub preset pairs them."""
+        (conv,), (norm,) = _convs_and_norms(self.stem)
+        return ([("conv1_conv", conv), ("conv1_bn", norm)] + _keras_hub_stage_names(self.layer1, 0)
+                + _keras_hub_stage_names(self.layer2, 1))
+
+    def keras_hub_config(self):
+        """The `keras_hub.models.ResNetBackbone` arguments of the same network, or None for
+        ResNeXt (keras-hub has none): what a plain `.weights.h5` file is read into."""
+        if self.groups != 1 or self.base_width != 64:
+            return None
+        return dict(input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 128, 256, 512],
+                    stackwise_num_blocks=[3, 4, 6, 3], stackwise_num_strides=[1, 2, 2, 2],
+                    block_type="bottleneck_block", use_pre_activation=False)
+
     def compute_output_shape(self, input_shape):
         for layer in self.stem + [self.layer1, self.layer2]:
             input_shape = layer.compute_output_shape(input_shape)
@@ -138,6 +174,10 @@ class ImageNetResNetExpert(layers.Layer):
     def call(self, x, training=None):
         x = self.layer4(self.layer3(x, training=training), training=training)
         return self.classifier(ops.mean(x, axis=(1, 2)))
+
+    def keras_hub_names(self):
+        """As `ImageNetResNetTrunk.keras_hub_names`: layer3 and layer4 are keras-hub's stacks 2 and 3."""
+        return _keras_hub_stage_names(self.layer3, 2) + _keras_hub_stage_names(self.layer4, 3)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_classes)
