@@ -31,6 +31,7 @@ import numpy as np
 from balpoe_tf.config import RunError
 from balpoe_tf.models import BalPoENetwork
 from balpoe_tf.models.hub import from_preset, keras_hub
+from balpoe_tf.names import HUB_PREFIX
 from balpoe_tf.run_folder import latest_checkpoint, load_model_file, read_record, RunFolder
 
 # A source that fills less than this share of the run's parameters outside the classifiers is
@@ -99,6 +100,10 @@ def _source_file(path: str) -> str:
 
 def _check_takes_plain(path: str, like: BalPoENetwork):
     """Refuse, before anything is loaded, a run whose backbone has no keras-hub counterpart."""
+    if like.backbone.startswith(HUB_PREFIX):
+        raise RunError(f"--init_from={path} is a plain backbone, and --backbone={like.backbone} takes its weights "
+                       f"from its own preset: pass --backbone={HUB_PREFIX}{path} without --init_from, or a run "
+                       f"folder or model file of this project with --backbone={like.backbone}")
     if not hasattr(like.trunk, "keras_hub_names"):
         what = ("names no file or folder here, so it is read as a keras-hub preset" if _is_preset_name(path) else
                 "is a plain backbone (a keras-hub preset, or a Keras file that is not a BalPoE network)")

@@ -65,6 +65,14 @@ def test_without_keras_hub_the_error_names_the_extra(monkeypatch):
         pretrained.initialise(models.BalPoENetwork(4, 1, "resnet50", input_shape=(32, 32, 3)), "resnet_50_imagenet")
 
 
+def test_init_from_a_preset_on_a_hub_backbone_names_the_flag_that_takes_it(tmp_path):
+    _preset(tmp_path / "preset")
+    network = models.BalPoENetwork(4, 1, f"hub:{tmp_path / 'preset'}", input_shape=(32, 32, 3))
+    with pytest.raises(RunError, match=f"takes its weights from its own preset: pass --backbone=hub:{tmp_path}/preset "
+                                       "without --init_from"):
+        pretrained.initialise(network, str(tmp_path / "preset"))
+
+
 def test_a_preset_keras_hub_cannot_load_is_named(tmp_path):
     with pytest.raises(RunError, match=f"--backbone=hub:{tmp_path}: keras-hub cannot load this preset"):
         models.BalPoENetwork(4, 2, f"hub:{tmp_path}", input_shape=(32, 32, 3))
