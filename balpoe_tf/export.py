@@ -86,8 +86,12 @@ def serving_functions(model, mean, std, class_names, train_counts, mean_lambda: 
                 "top_k_classes": ids, "top_k_scores": scores, "top_k_names": tf.gather(names, ids)}
 
     def run(images, bias=None):
-        tf.debugging.assert_equal(tf.shape(images)[1:], shape,
-                                  message=f"images must be a [batch, {', '.join(map(str, shape))}] tensor")
+        # The model's ops wait for the check: in a graph nothing else orders them, and a
+        # reshape deep in the network would otherwise fail first, naming no input.
+        check = tf.debugging.assert_equal(tf.shape(images)[1:], shape,
+                                          message=f"images must be a [batch, {', '.join(map(str, shape))}] tensor")
+        with tf.control_dependencies([check]):
+            images = tf.identity(images)
         out = model(images, training=False)
         logits, experts = out["logits"], out["expert_logits"]
         if bias is not None:
