@@ -20,9 +20,9 @@ made; `preset_report` reports them the same way.
 """
 
 import dataclasses
-import importlib.util
 import os
 import warnings
+import zipfile
 from typing import List, Tuple
 
 import keras
@@ -169,6 +169,15 @@ def _from_weights_file(path: str, like: BalPoENetwork):
     return network
 
 
+def _names_keras_hub(path: str) -> bool:
+    """Whether the `.keras` file `path` holds a keras-hub model (its configuration names keras_hub)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return b"keras_hub" in archive.read("config.json")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False  # load_model_file names what is wrong with the file
+
+
 def load_source(path: str, like: BalPoENetwork) -> Tuple[str, keras.Model]:
     """(file or preset, network) that `--init_from=path` names: a BalPoE network checked to have
     the backbone of `like`, or a plain backbone (module docstring)."""
@@ -180,8 +189,8 @@ def load_source(path: str, like: BalPoENetwork) -> Tuple[str, keras.Model]:
     if source.endswith(".weights.h5"):
         network = _from_weights_file(source, like)
     else:
-        if importlib.util.find_spec("keras_hub"):
-            import keras_hub  # noqa: F401 (registers its classes, which a saved keras-hub model names)
+        if _names_keras_hub(source):
+            keras_hub(f"--init_from={path} (a keras-hub model)")  # registers the classes the file names
         network = load_model_file(source)
     if not isinstance(network, BalPoENetwork):
         if not isinstance(network, keras.Model):

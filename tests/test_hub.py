@@ -55,7 +55,8 @@ def test_another_family_is_the_trunk_whole_with_a_dense_head_per_expert(tmp_path
     assert [why for _, why in report.left] == ["a new layer"] * 4  # each head's kernel and bias
 
 
-def test_without_keras_hub_the_error_names_the_extra(monkeypatch):
+def test_without_keras_hub_the_error_names_the_extra(monkeypatch, tmp_path):
+    _preset(tmp_path / "preset").save(tmp_path / "hub.keras")
     monkeypatch.setitem(sys.modules, "keras_hub", None)  # as if not installed
     with pytest.raises(RunError, match=r'^--backbone=hub:resnet_18_imagenet needs keras-hub, an optional extra: '
                                        r'pip install -e "\.\[hub\]"$'):
@@ -63,6 +64,8 @@ def test_without_keras_hub_the_error_names_the_extra(monkeypatch):
     with pytest.raises(RunError, match=r'^--init_from=resnet_50_imagenet \(no such file or folder: read as a '
                                        r'preset\) needs keras-hub, an optional extra: pip install -e "\.\[hub\]"$'):
         pretrained.initialise(models.BalPoENetwork(4, 1, "resnet50", input_shape=(32, 32, 3)), "resnet_50_imagenet")
+    with pytest.raises(RunError, match=r'^--init_from=.*hub.keras \(a keras-hub model\) needs keras-hub'):
+        pretrained.initialise(models.BalPoENetwork(4, 1, "resnet8", input_shape=(8, 8, 3)), str(tmp_path / "hub.keras"))
 
 
 def test_init_from_a_preset_on_a_hub_backbone_names_the_flag_that_takes_it(tmp_path):
