@@ -15,6 +15,13 @@ class RunError(RuntimeError):
     """A run cannot start or be used as asked; the message says why and what to do."""
 
 
+def error_line(error: BaseException, limit: Optional[int] = 200) -> str:
+    """`error` in one line for a `RunError`: its type and the first line of its message (cut at
+    `limit` characters), or "no details" when it has none."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else 'no details'}"
+
+
 class ConfigError(ValueError):
     """A setting has a value outside its valid range; the message names the flag, the
     value and what it may be."""

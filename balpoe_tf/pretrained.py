@@ -28,7 +28,7 @@ from typing import List, Tuple
 import keras
 import numpy as np
 
-from balpoe_tf.config import RunError
+from balpoe_tf.config import error_line, RunError
 from balpoe_tf.models import BalPoENetwork
 from balpoe_tf.models.hub import from_preset, keras_hub
 from balpoe_tf.names import HUB_PREFIX
@@ -131,7 +131,7 @@ def _plain_weights_file(path: str, like: BalPoENetwork) -> keras.Model:
             backbone.load_weights(path)
             problem = str(skipped[0].message) if skipped else ""
         except Exception as e:  # Keras names a mismatch in several error types
-            problem = f"{type(e).__name__}: {e}"
+            problem = error_line(e)
     if problem:
         raise RunError(f"--init_from={path} holds neither a BalPoE network's weights nor keras-hub's ResNet-50's "
                        f"({problem.splitlines()[0][:200]}): pass a run folder, a .keras file or a keras-hub preset")
@@ -164,8 +164,7 @@ def _from_weights_file(path: str, like: BalPoENetwork):
         network.load_weights(path)
     except Exception as e:  # Keras names a mismatch in several error types
         raise RunError(f"--init_from={path} does not hold the weights of a {like.backbone} BalPoE network "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): pass weights saved from a network "
-                       "with this run's --backbone") from None
+                       f"({error_line(e)}): pass weights saved from a network with this run's --backbone") from None
     return network
 
 
@@ -181,9 +180,10 @@ def _names_keras_hub(path: str) -> bool:
 def load_source(path: str, like: BalPoENetwork) -> Tuple[str, keras.Model]:
     """(file or preset, network) that `--init_from=path` names: a BalPoE network checked to have
     the backbone of `like`, or a plain backbone (module docstring)."""
-    if _is_preset_name(path) or os.path.isfile(os.path.join(path, "metadata.json")):
+    by_name = _is_preset_name(path)
+    if by_name or os.path.isfile(os.path.join(path, "metadata.json")):
         _check_takes_plain(path, like)
-        flag = f"--init_from={path}" + (" (no such file or folder: read as a preset)" if _is_preset_name(path) else "")
+        flag = f"--init_from={path}" + (" (no such file or folder: read as a preset)" if by_name else "")
         return path, from_preset(path, flag, "float32")
     source = _source_file(path)
     if source.endswith(".weights.h5"):

@@ -19,7 +19,7 @@ import keras
 # Imported for their Keras registrations: a saved model names its loss, optimizer and schedules.
 from balpoe_tf import losses, task, training  # noqa: F401
 from balpoe_tf import label_shift
-from balpoe_tf.config import RunError
+from balpoe_tf.config import error_line, RunError
 from balpoe_tf.data import fingerprint
 from balpoe_tf.models import precision_policy
 from balpoe_tf.reporting import write_atomic
@@ -202,8 +202,7 @@ def load_model_file(path: str, precision: str = ""):
         try:
             return keras.saving.load_model(path)
         except Exception as e:  # Keras reports a damaged zip as many error types, some misleading
-            raise RunError(f"{path} is not a readable Keras model ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else 'no details'})") from e
+            raise RunError(f"{path} is not a readable Keras model ({error_line(e, limit=None)})") from e
 
 
 def load_latest_checkpoint(output_dir: str, log: Callable[[str], None] = print, rename_unreadable: bool = True):

@@ -218,3 +218,10 @@ def test_ctrl_c_while_a_tool_starts_is_one_line_and_exit_130(tool):
             continue  # this machine loaded TensorFlow and printed the help before the signal: nothing to stop
         assert proc.returncode == 130, (delay, err[-2000:])
         assert err == "stopped by SIGINT (Ctrl-C) while starting: nothing was done\n", (delay, err[-2000:])
+
+
+def test_an_error_is_one_line_with_its_type():
+    assert config.error_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert config.error_line(OSError()) == "OSError: no details"
+    assert config.error_line(KeyError("x" * 300), limit=5) == "KeyError: 'xxxx"
+    assert config.error_line(RuntimeError("y" * 300), limit=None) == "RuntimeError: " + "y" * 300

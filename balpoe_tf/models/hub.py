@@ -20,7 +20,7 @@ needs keras-hub but no preset, and an exported SavedModel needs neither.
 import keras
 from keras import layers
 
-from balpoe_tf.config import RunError
+from balpoe_tf.config import error_line, RunError
 from balpoe_tf.models.layers import CosineClassifier
 from balpoe_tf.names import HUB_PREFIX
 
@@ -41,9 +41,8 @@ def from_preset(preset: str, flag: str, dtype: str):
     try:
         return hub.models.Backbone.from_preset(preset, dtype=dtype)
     except Exception as e:  # keras-hub reports a missing or foreign preset in several error types
-        raise RunError(f"{flag}: keras-hub cannot load this preset ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200] if str(e) else 'no details'}): pass a keras-hub preset name "
-                       "or a folder written by save_to_preset") from None
+        raise RunError(f"{flag}: keras-hub cannot load this preset ({error_line(e)}): pass a keras-hub preset "
+                       "name or a folder written by save_to_preset") from None
 
 
 def load_backbone(preset: str = "", config=None):
